@@ -1,0 +1,17 @@
+"""fastddim: a drop-in, faster replacement for diffusers' DDIMScheduler and DDIMInverseScheduler."""
+
+__version__ = "0.1.0"
+
+from fastddim.config import FrozenDict, SchedulerMixin, register_with_diffusers
+from fastddim.scheduler import DDIMInverseScheduler, DDIMScheduler, DDIMSchedulerOutput
+
+__all__ = [
+    "DDIMScheduler",
+    "DDIMInverseScheduler",
+    "DDIMSchedulerOutput",
+    "SchedulerMixin",
+    "FrozenDict",
+    "__version__",
+]
+
+register_with_diffusers()

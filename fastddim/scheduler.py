@@ -1,0 +1,491 @@
+"""`DDIMScheduler` and `DDIMInverseScheduler`: drop-in replacements for diffusers' classes.
+
+Same constructor arguments and defaults, attributes, methods and config files as diffusers 0.42; the step runs
+through `fastddim.ops` (one fused Triton kernel on CUDA, a lean torch path elsewhere). Where diffusers accepts
+input it cannot handle (a timestep outside the schedule, an unknown option, an eta that makes the step NaN),
+fastddim raises a ValueError naming the argument instead.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fastddim import ops, reference
+from fastddim.config import SchedulerMixin, register_to_config
+from fastddim.schedule import (
+    BETA_PREV,
+    BETA_SCHEDULES,
+    INVERSE_TIMESTEP_SPACINGS,
+    TIMESTEP_SPACINGS,
+    VARIANCE,
+    inference_timesteps,
+    make_betas,
+    step_table,
+)
+
+# The names diffusers lists as sharing DDIM's config (its KarrasDiffusionSchedulers).
+KARRAS_DIFFUSION_SCHEDULERS = [
+    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+    "DEISMultistepScheduler", "UniPCMultistepScheduler", "DPMSolverSDEScheduler", "EDMEulerScheduler",
+]
+
+
+@dataclass
+class DDIMSchedulerOutput:
+    """Output of a scheduler's `step`.
+
+    Args:
+        prev_sample (`torch.Tensor`): the sample x_{t-1} of the previous timestep, the next model input.
+        pred_original_sample (`torch.Tensor`): the predicted denoised sample x_0 (after clipping or
+            thresholding), for previews or guidance.
+    """
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+    # diffusers' BaseOutput behaves as a tuple and a dict too; pipelines use all three.
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __iter__(self):
+        return iter(self.to_tuple())
+
+    def __len__(self):
+        return len(self.to_tuple())
+
+    def keys(self):
+        return [k for k in ("prev_sample", "pred_original_sample") if getattr(self, k) is not None]
+
+    def values(self):
+        return [getattr(self, k) for k in self.keys()]
+
+    def items(self):
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def to_tuple(self):
+        return tuple(self.values())
+
+
+def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
+    """Standard normal noise drawn exactly as diffusers' `randn_tensor` draws it (same generator calls), so a
+    seeded pipeline gets the same noise with either scheduler. A CPU generator draws on the CPU, then moves."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    rand_device = device
+    if generator is not None:
+        first = generator[0] if isinstance(generator, (list, tuple)) else generator
+        if first.device.type != device.type:
+            if first.device.type != "cpu":
+                raise ValueError(f"generator is on {first.device}: it cannot make noise for a tensor on {device}")
+            rand_device = torch.device("cpu")
+    if isinstance(generator, (list, tuple)) and len(generator) == 1:
+        generator = generator[0]
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"generator is a list of {len(generator)} generators; the batch size is {shape[0]}")
+        one = (1,) + tuple(shape[1:])
+        draws = [torch.randn(one, generator=g, device=rand_device, dtype=dtype) for g in generator]
+        return torch.cat(draws, dim=0).to(device)
+    return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype).to(device)
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+class _DDIMBase(SchedulerMixin):
+    """Schedule, timesteps and coefficient tables shared by the forward and inverse schedulers."""
+
+    order = 1
+    _inverse = False
+
+    def _build_schedule(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                        prediction_type, timestep_spacing, clip_sample_range, rescale_betas_zero_snr):
+        _check_positive_int("num_train_timesteps", num_train_timesteps)
+        if trained_betas is None:
+            _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+        else:
+            size = np.asarray(trained_betas).size
+            if np.asarray(trained_betas).ndim != 1 or size != num_train_timesteps:
+                raise ValueError(
+                    f"trained_betas must be a 1-D sequence of num_train_timesteps={num_train_timesteps} values, "
+                    f"got shape {np.asarray(trained_betas).shape}"
+                )
+        _check_choice("prediction_type", prediction_type, reference.PREDICTION_TYPES)
+        _check_choice("timestep_spacing", timestep_spacing,
+                      INVERSE_TIMESTEP_SPACINGS if self._inverse else TIMESTEP_SPACINGS)
+        if not (isinstance(clip_sample_range, numbers.Real) and clip_sample_range > 0):
+            raise ValueError(f"clip_sample_range must be a number > 0, got {clip_sample_range!r}")
+        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                                rescale_betas_zero_snr)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
+        self._table = None
+        self._device_tables = {}
+        self._device_alphas = {}
+
+    def _boundary_alpha_cumprod(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
+        """Returns `sample` unchanged: DDIM needs no input scaling (kept for interchangeability).
+
+        Args:
+            sample (`torch.Tensor`): the input sample.
+            timestep (`int`, *optional*): the current timestep (unused).
+        """
+        return sample
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None) -> None:
+        """Set the timesteps of a sampling run (call before `step`).
+
+        Args:
+            num_inference_steps (`int`): the number of steps, from 1 to `num_train_timesteps`.
+            device (`str` or `torch.device`, *optional*): where `timesteps` is placed.
+        """
+        num_train = self.config.num_train_timesteps
+        num_inference_steps = _check_positive_int("num_inference_steps", num_inference_steps)
+        if num_inference_steps > num_train:
+            raise ValueError(
+                f"num_inference_steps ({num_inference_steps}) cannot be larger than num_train_timesteps "
+                f"({num_train}): the model was trained on {num_train} timesteps"
+            )
+        timesteps = inference_timesteps(num_train, num_inference_steps, self.config.timestep_spacing,
+                                        self.config.steps_offset, inverse=self._inverse)
+        self.num_inference_steps = num_inference_steps
+        self.timesteps = torch.from_numpy(timesteps).to(device)
+        self._table = step_table(self.alphas_cumprod, num_inference_steps, float(self._boundary_alpha_cumprod()),
+                                 inverse=self._inverse)
+        self._device_tables = {}
+
+    def _timestep_index(self, timestep) -> int:
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() != 1 or timestep.is_floating_point() or timestep.dtype == torch.bool:
+                raise TypeError(
+                    f"timestep must be an int or a one-element integer tensor, got a {timestep.dtype} tensor of "
+                    f"shape {tuple(timestep.shape)}"
+                )
+            timestep = int(timestep.item())
+        elif isinstance(timestep, bool) or not isinstance(timestep, numbers.Integral):
+            raise TypeError(f"timestep must be an int, got {type(timestep).__name__}")
+        timestep = int(timestep)
+        if not 0 <= timestep < self.config.num_train_timesteps:
+            raise ValueError(f"timestep must be in [0, {self.config.num_train_timesteps}), got {timestep}")
+        return timestep
+
+    def _coefficients(self, index: int, backend: str, device: torch.device) -> torch.Tensor:
+        """Row `index` of the step table, on the host for the torch path or on `device` for the kernels."""
+        if backend == "torch" or device.type == "cpu":
+            return self._table[index]
+        table = self._device_tables.get(device)
+        if table is None:
+            table = self._device_tables[device] = self._table.to(device)
+        return table[index]
+
+    def _alphas_cumprod_on(self, device: torch.device) -> torch.Tensor:
+        cached = self._device_alphas.get(device)
+        if cached is None:
+            cached = self._device_alphas[device] = self.alphas_cumprod.to(device=device, dtype=torch.float64)
+        return cached
+
+    def _run_step(self, model_output, timestep, sample, eta, use_clipped_model_output, variance_noise,
+                  thresholding, return_dict):
+        if self.num_inference_steps is None:
+            raise ValueError("num_inference_steps is not set: call set_timesteps(num_inference_steps) before step")
+        ops.check_step_inputs(model_output, sample, variance_noise)
+        index = self._timestep_index(timestep)
+        backend = ops.select_backend(sample.device)
+        coefficients = self._coefficients(index, "torch" if thresholding else backend, sample.device)
+        config = self.config
+        prev_sample, pred_original_sample = ops.ddim_step(
+            model_output, sample, coefficients, eta=eta, prediction_type=config.prediction_type,
+            clip_sample=config.clip_sample, clip_sample_range=config.clip_sample_range,
+            thresholding=thresholding,
+            dynamic_thresholding_ratio=config.get("dynamic_thresholding_ratio", 0.995),
+            sample_max_value=config.get("sample_max_value", 1.0),
+            use_clipped_model_output=use_clipped_model_output, variance_noise=variance_noise,
+            backend="torch" if thresholding else backend,
+        )
+        if not return_dict:
+            return (prev_sample, pred_original_sample)
+        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    def __getattr__(self, name):
+        # diffusers lets `scheduler.prediction_type` read the config; keep that working for user code.
+        internal = self.__dict__.get("_internal_dict")
+        if internal is not None and name in internal and not name.startswith("_"):
+            return internal[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+
+class DDIMScheduler(_DDIMBase):
+    """Denoising diffusion implicit models (Song et al., 2021): a drop-in for diffusers' `DDIMScheduler`.
+
+    Args:
+        num_train_timesteps (`int`, defaults to 1000): the number of diffusion steps the model was trained with.
+        beta_start (`float`, defaults to 0.0001): the first beta of the schedule.
+        beta_end (`float`, defaults to 0.02): the last beta of the schedule.
+        beta_schedule (`str`, defaults to `"linear"`): `"linear"`, `"scaled_linear"` or `"squaredcos_cap_v2"`.
+        trained_betas (`np.ndarray` or `list[float]`, *optional*): betas to use instead of a schedule; one per
+            training timestep.
+        clip_sample (`bool`, defaults to `True`): clip the predicted x0 to `[-clip_sample_range, clip_sample_range]`.
+        set_alpha_to_one (`bool`, defaults to `True`): the alpha product after the last step is 1 (otherwise the
+            alpha product of timestep 0).
+        steps_offset (`int`, defaults to 0): added to the inference timesteps ("leading" spacing).
+        prediction_type (`str`, defaults to `"epsilon"`): what the model predicts: `"epsilon"` (noise),
+            `"sample"` (x0) or `"v_prediction"` (velocity, Imagen Video section 2.4).
+        thresholding (`bool`, defaults to `False`): dynamic thresholding of x0 (Imagen); unsuitable for latent
+            diffusion models such as Stable Diffusion.
+        dynamic_thresholding_ratio (`float`, defaults to 0.995): the quantile of |x0| used by thresholding.
+        clip_sample_range (`float`, defaults to 1.0): the clipping bound of `clip_sample`.
+        sample_max_value (`float`, defaults to 1.0): the largest threshold dynamic thresholding may use.
+        timestep_spacing (`str`, defaults to `"leading"`): `"leading"`, `"trailing"` or `"linspace"` (Table 2 of
+            "Common Diffusion Noise Schedules and Sample Steps are Flawed").
+        rescale_betas_zero_snr (`bool`, defaults to `False`): rescale the betas to zero terminal SNR.
+    """
+
+    _compatibles = list(KARRAS_DIFFUSION_SCHEDULERS)
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        clip_sample: bool = True,
+        set_alpha_to_one: bool = True,
+        steps_offset: int = 0,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        rescale_betas_zero_snr: bool = False,
+    ):
+        self._build_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                             prediction_type, timestep_spacing, clip_sample_range, rescale_betas_zero_snr)
+        if thresholding:
+            if not (isinstance(dynamic_thresholding_ratio, numbers.Real) and 0 < dynamic_thresholding_ratio <= 1):
+                raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio!r}")
+            if not (isinstance(sample_max_value, numbers.Real) and sample_max_value >= 1):
+                raise ValueError(f"sample_max_value must be a number >= 1, got {sample_max_value!r}")
+        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+        self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
+
+    def _boundary_alpha_cumprod(self) -> torch.Tensor:
+        return self.final_alpha_cumprod
+
+    def _get_variance(self, timestep: int, prev_timestep: int) -> torch.Tensor:
+        """The DDIM variance between `timestep` and `prev_timestep` (diffusers' helper, kept for callers)."""
+        alpha_prod_t = self.alphas_cumprod[timestep]
+        alpha_prod_t_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        return (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
+
+    def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
+        """Dynamic thresholding of a predicted x0 with this scheduler's settings (diffusers' helper)."""
+        upcast = sample.to(reference.compute_dtype(sample.dtype))
+        out = reference.threshold(upcast, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+        return out.to(sample.dtype)
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int,
+        sample: torch.Tensor,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> DDIMSchedulerOutput | tuple:
+        """One reverse step x_t -> x_{t-1}.
+
+        Args:
+            model_output (`torch.Tensor`): the direct output of the diffusion model.
+            timestep (`int` or one-element integer tensor): the current timestep, in [0, num_train_timesteps).
+            sample (`torch.Tensor`): the current sample x_t, of the shape and device of `model_output`.
+            eta (`float`, defaults to 0.0): the weight of the added noise, >= 0: 0 is DDIM (deterministic), 1 is
+                DDPM-like. Values above 1 are accepted while 1 - alpha_prev - std^2 stays >= 0.
+            use_clipped_model_output (`bool`, defaults to `False`): re-derive the noise prediction from the
+                clipped x0, as the DDIM paper's "corrected" model output.
+            generator (`torch.Generator` or list of them, *optional*): draws the noise when `eta > 0`, exactly as
+                diffusers draws it.
+            variance_noise (`torch.Tensor`, *optional*): the noise itself, instead of `generator` (e.g. for
+                CycleDiffusion); same shape and device as `sample`.
+            return_dict (`bool`, defaults to `True`): return a `DDIMSchedulerOutput` rather than a tuple.
+
+        Returns:
+            `DDIMSchedulerOutput` or `tuple`: `(prev_sample, pred_original_sample)`.
+        """
+        eta = ops.check_eta(eta)
+        if generator is not None and variance_noise is not None:
+            raise ValueError("pass either generator or variance_noise, not both")
+        if eta > 1 and self.num_inference_steps is not None:
+            row = self._table[self._timestep_index(timestep)]
+            if float(row[BETA_PREV]) - eta * eta * float(row[VARIANCE]) < 0:
+                raise ValueError(
+                    f"eta={eta} is too large at timestep {int(timestep)}: 1 - alpha_prev - eta^2 * variance < 0 "
+                    "(diffusers would return NaN); use eta <= 1"
+                )
+        if eta > 0 and variance_noise is None and isinstance(model_output, torch.Tensor):
+            variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                          dtype=model_output.dtype)
+        if eta == 0:
+            variance_noise = None
+        return self._run_step(model_output, timestep, sample, eta, use_clipped_model_output, variance_noise,
+                              self.config.thresholding, return_dict)
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """Forward diffusion: sqrt(alpha_t) * original_samples + sqrt(1 - alpha_t) * noise.
+
+        Args:
+            original_samples (`torch.Tensor`): clean samples, batch first.
+            noise (`torch.Tensor`): noise of the same shape.
+            timesteps (`torch.Tensor` or `int`): one timestep, or one per sample.
+        """
+        scale_sample, scale_noise = self._forward_scales(original_samples, timesteps, "original_samples")
+        return self._combine(scale_sample, original_samples, scale_noise, noise)
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
+        """The v-prediction target: sqrt(alpha_t) * noise - sqrt(1 - alpha_t) * sample.
+
+        Args:
+            sample (`torch.Tensor`): clean samples, batch first.
+            noise (`torch.Tensor`): noise of the same shape.
+            timesteps (`torch.Tensor` or `int`): one timestep, or one per sample.
+        """
+        scale_sample, scale_noise = self._forward_scales(sample, timesteps, "sample")
+        return self._combine(scale_noise, noise, -scale_sample, sample)
+
+    def _forward_scales(self, samples: torch.Tensor, timesteps, name: str):
+        if not isinstance(samples, torch.Tensor) or samples.dtype not in ops.FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a floating-point torch.Tensor")
+        if isinstance(timesteps, numbers.Integral) and not isinstance(timesteps, bool):
+            timesteps = torch.tensor(int(timesteps))
+        if not isinstance(timesteps, torch.Tensor) or timesteps.is_floating_point() or timesteps.dtype == torch.bool:
+            raise TypeError("timesteps must be an int or an integer tensor")
+        timesteps = timesteps.to(samples.device).flatten()
+        num_train = self.config.num_train_timesteps
+        if timesteps.numel() not in (1, samples.shape[0] if samples.dim() else 1):
+            raise ValueError(f"timesteps must hold one timestep or one per sample ({samples.shape[0]}), "
+                             f"got {timesteps.numel()}")
+        alphas = self._alphas_cumprod_on(samples.device)
+        if samples.device.type == "cpu" and not bool(((timesteps >= 0) & (timesteps < num_train)).all()):
+            raise ValueError(f"timesteps must be in [0, {num_train}), got {timesteps.tolist()}")
+        alpha = alphas[timesteps]
+        view = (-1,) + (1,) * (samples.dim() - 1)
+        dtype = reference.compute_dtype(samples.dtype)
+        return alpha.sqrt().to(dtype).view(view), (1 - alpha).sqrt().to(dtype).view(view)
+
+    @staticmethod
+    def _combine(scale_a, a, scale_b, b):
+        if a.shape != b.shape or a.device != b.device:
+            raise ValueError(f"the two tensors must have one shape and device, got {tuple(a.shape)} on {a.device} "
+                             f"and {tuple(b.shape)} on {b.device}")
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        math_dtype = reference.compute_dtype(dtype)
+        out = scale_a * a.to(math_dtype)
+        out.addcmul_(scale_b, b.to(math_dtype))
+        return out.to(dtype)
+
+
+class DDIMInverseScheduler(_DDIMBase):
+    """The inverse of `DDIMScheduler` (DDIM inversion, x_0 -> x_T): a drop-in for diffusers' class.
+
+    Args:
+        num_train_timesteps (`int`, defaults to 1000): the number of diffusion steps the model was trained with.
+        beta_start (`float`, defaults to 0.0001): the first beta of the schedule.
+        beta_end (`float`, defaults to 0.02): the last beta of the schedule.
+        beta_schedule (`str`, defaults to `"linear"`): `"linear"`, `"scaled_linear"` or `"squaredcos_cap_v2"`.
+        trained_betas (`np.ndarray` or `list[float]`, *optional*): betas to use instead of a schedule.
+        clip_sample (`bool`, defaults to `True`): clip the predicted x0 to `[-clip_sample_range, clip_sample_range]`.
+        set_alpha_to_one (`bool`, defaults to `True`): the alpha product before the first step is 1 (otherwise
+            the alpha product of timestep 0). The deprecated `set_alpha_to_zero` keyword sets the same thing.
+        steps_offset (`int`, defaults to 0): added to the inference timesteps ("leading" spacing).
+        prediction_type (`str`, defaults to `"epsilon"`): `"epsilon"`, `"sample"` or `"v_prediction"`.
+        clip_sample_range (`float`, defaults to 1.0): the clipping bound of `clip_sample`.
+        timestep_spacing (`str`, defaults to `"leading"`): `"leading"` or `"trailing"`.
+        rescale_betas_zero_snr (`bool`, defaults to `False`): rescale the betas to zero terminal SNR.
+    """
+
+    _inverse = True
+    ignore_for_config = ["kwargs"]
+    _deprecated_kwargs = ["set_alpha_to_zero"]
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: np.ndarray | list[float] | None = None,
+        clip_sample: bool = True,
+        set_alpha_to_one: bool = True,
+        steps_offset: int = 0,
+        prediction_type: str = "epsilon",
+        clip_sample_range: float = 1.0,
+        timestep_spacing: str = "leading",
+        rescale_betas_zero_snr: bool = False,
+        **kwargs,
+    ):
+        unknown = set(kwargs) - {"set_alpha_to_zero"}
+        if unknown:
+            raise TypeError(f"DDIMInverseScheduler got unexpected arguments {sorted(unknown)}")
+        if kwargs.get("set_alpha_to_zero") is not None:
+            warnings.warn("set_alpha_to_zero is deprecated; use set_alpha_to_one", FutureWarning, stacklevel=3)
+            set_alpha_to_one = kwargs["set_alpha_to_zero"]
+            self.register_to_config(set_alpha_to_one=set_alpha_to_one)
+        self._build_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                             prediction_type, timestep_spacing, clip_sample_range, rescale_betas_zero_snr)
+        self.initial_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+        self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps).copy().astype(np.int64))
+
+    def _boundary_alpha_cumprod(self) -> torch.Tensor:
+        return self.initial_alpha_cumprod
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: int,
+        sample: torch.Tensor,
+        return_dict: bool = True,
+    ) -> DDIMSchedulerOutput | tuple:
+        """One inversion step x_{t-ratio} -> x_t (noise is never added).
+
+        Args:
+            model_output (`torch.Tensor`): the direct output of the diffusion model.
+            timestep (`int` or one-element integer tensor): the timestep the step arrives at.
+            sample (`torch.Tensor`): the current sample, of the shape and device of `model_output`.
+            return_dict (`bool`, defaults to `True`): return a `DDIMSchedulerOutput` rather than a tuple.
+
+        Returns:
+            `DDIMSchedulerOutput` or `tuple`: `(prev_sample, pred_original_sample)`.
+        """
+        return self._run_step(model_output, timestep, sample, 0.0, False, None, False, return_dict)
