@@ -33,7 +33,13 @@ def triton_available() -> bool:
 
 
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True if the kernels run in Triton's interpreter, which Triton decides when they are imported: set
+    TRITON_INTERPRET=1 before importing fastddim to run them on CPU tensors."""
+    if not triton_available():
+        return False
+    from fastddim import kernels
+
+    return kernels.INTERPRETED
 
 
 def select_backend(device: torch.device) -> str:
@@ -47,13 +53,13 @@ def select_backend(device: torch.device) -> str:
                 raise RuntimeError("FASTDDIM_BACKEND=triton, but triton cannot be imported")
             if device.type != "cuda" and not triton_interpreting():
                 raise ValueError(
-                    f"FASTDDIM_BACKEND=triton needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to run "
-                    "the Triton kernels on CPU tensors"
+                    f"FASTDDIM_BACKEND=triton needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 before "
+                    "importing fastddim to run the Triton kernels on CPU tensors"
                 )
         return forced
     if device.type == "cuda" and triton_available():
         return "triton"
-    if device.type == "cpu" and triton_interpreting() and triton_available():
+    if device.type == "cpu" and triton_interpreting():
         return "triton"
     return "torch"
 

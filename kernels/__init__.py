@@ -7,6 +7,6 @@
 their arguments; `fastddim.ops.ddim_step` is the checked entry point that also picks the backend.
 """
 
-from .ddim import ddim_step, is_dense
+from .ddim import INTERPRETED, ddim_step, is_dense
 
-__all__ = ["ddim_step", "is_dense"]
+__all__ = ["INTERPRETED", "ddim_step", "is_dense"]

@@ -107,6 +107,11 @@ def _ddim_step_kernel(
     tl.store(x0_ptr + offsets, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
+# Whether Triton decorated the kernel for its interpreter (TRITON_INTERPRET=1 when this module was imported):
+# only then can it run on CPU tensors.
+INTERPRETED = type(_ddim_step_kernel).__name__ == "InterpretedFunction"
+
+
 def is_dense(tensor: torch.Tensor) -> bool:
     """True if the tensor's elements fill its memory span exactly once (any dimension order, no gaps)."""
     expected = 1
