@@ -3,12 +3,14 @@
 __version__ = "0.1.0"
 
 from fastddim.config import FrozenDict, SchedulerMixin, register_with_diffusers
+from fastddim.noise import PhiloxGenerator
 from fastddim.scheduler import DDIMInverseScheduler, DDIMScheduler, DDIMSchedulerOutput
 
 __all__ = [
     "DDIMScheduler",
     "DDIMInverseScheduler",
     "DDIMSchedulerOutput",
+    "PhiloxGenerator",
     "SchedulerMixin",
     "FrozenDict",
     "__version__",

@@ -1,8 +1,10 @@
 """The checked entry point of the DDIM step math: argument checks, then the torch or Triton backend.
 
 Backend per call: `FASTDDIM_BACKEND=torch|triton` forces one; otherwise CUDA tensors use Triton, and CPU tensors
-use Triton only under `TRITON_INTERPRET=1` (Triton's interpreter, used to test the kernels without a GPU), the
-torch reference path otherwise. Thresholded steps take the torch path on every backend for now.
+use Triton only when the kernels run in Triton's interpreter (TRITON_INTERPRET=1 set before fastddim is
+imported; used to test the kernels without a GPU), the torch reference path otherwise. Thresholded steps take
+the torch path on every backend for now. Under torch.compile the Triton step is the custom op
+`torch.ops.fastddim.ddim_step`, so a compiled loop has no graph break; the torch path is traced as it is.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import os
 import torch
 
 from fastddim import reference
-from fastddim.schedule import ROW_WIDTH
+from fastddim.schedule import ROW_WIDTH, as_table
 
 BACKENDS = ("torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 @functools.lru_cache(maxsize=None)
@@ -64,46 +67,63 @@ def select_backend(device: torch.device) -> str:
     return "torch"
 
 
-def check_step_inputs(model_output, sample, variance_noise=None) -> None:
+def _check_float_tensor(name: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {value.dtype}")
+
+
+def check_step_inputs(model_output, sample, variance_noise=None, uncond_output=None) -> None:
     """Clear errors for step inputs: tensors, floating dtypes, one shape, one device."""
-    for name, value in (("model_output", model_output), ("sample", sample)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if value.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {value.dtype}")
-    if model_output.shape != sample.shape:
-        raise ValueError(
-            f"model_output and sample must have the same shape, got {tuple(model_output.shape)} and "
-            f"{tuple(sample.shape)}"
-        )
-    if model_output.device != sample.device:
-        raise ValueError(f"model_output and sample must be on one device, got {model_output.device} and {sample.device}")
-    if variance_noise is not None:
-        if not isinstance(variance_noise, torch.Tensor):
-            raise TypeError(f"variance_noise must be a torch.Tensor or None, got {type(variance_noise).__name__}")
-        if variance_noise.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"variance_noise must have a floating dtype, got {variance_noise.dtype}")
-        if variance_noise.shape != sample.shape:
-            raise ValueError(
-                f"variance_noise must have the shape of sample {tuple(sample.shape)}, got {tuple(variance_noise.shape)}"
-            )
-        if variance_noise.device != sample.device:
-            raise ValueError(f"variance_noise must be on the device of sample ({sample.device}), got {variance_noise.device}")
+    _check_float_tensor("model_output", model_output)
+    _check_float_tensor("sample", sample)
+    for name, other in (("model_output", model_output), ("variance_noise", variance_noise),
+                        ("uncond_output", uncond_output)):
+        if other is None:
+            continue
+        _check_float_tensor(name, other)
+        if other.shape != sample.shape:
+            raise ValueError(f"{name} must have the shape of sample {tuple(sample.shape)}, got {tuple(other.shape)}")
+        if other.device != sample.device:
+            raise ValueError(f"{name} must be on the device of sample ({sample.device}), got {other.device}")
+
+
+def check_real(name: str, value, minimum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (minimum is not None and value < minimum):
+        bound = f" >= {minimum}" if minimum is not None else ""
+        raise ValueError(f"{name} must be a finite number{bound}, got {value}")
+    return value
 
 
 def check_eta(eta) -> float:
-    if isinstance(eta, bool) or not isinstance(eta, numbers.Real):
-        raise TypeError(f"eta must be a real number >= 0, got {type(eta).__name__}")
-    eta = float(eta)
-    if not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta must be a finite number >= 0 (0 is DDIM, 1 is DDPM-like), got {eta}")
-    return eta
+    """eta as a float; it must be finite and >= 0 (0 is DDIM, 1 is DDPM-like)."""
+    return check_real("eta", eta, minimum=0.0)
+
+
+def check_timestep(timestep, batch: int):
+    """An int, a one-element integer tensor, or a (batch,) integer tensor (one timestep per sample)."""
+    if isinstance(timestep, torch.Tensor):
+        if timestep.dtype not in INTEGER_DTYPES:
+            raise TypeError(f"timestep must be an int or an integer tensor, got a {timestep.dtype} tensor")
+        if timestep.numel() != 1 and tuple(timestep.shape) != (batch,):
+            raise ValueError(
+                f"timestep must be one timestep or one per sample (shape ({batch},)), got shape {tuple(timestep.shape)}"
+            )
+        return timestep
+    if isinstance(timestep, bool) or not isinstance(timestep, numbers.Integral):
+        raise TypeError(f"timestep must be an int or an integer tensor, got {type(timestep).__name__}")
+    return int(timestep)
 
 
 def ddim_step(
     model_output: torch.Tensor,
     sample: torch.Tensor,
-    coefficients: torch.Tensor,
+    table: torch.Tensor,
+    timestep=None,
     eta: float = 0.0,
     prediction_type: str = "epsilon",
     clip_sample: bool = False,
@@ -113,32 +133,56 @@ def ddim_step(
     sample_max_value: float = 1.0,
     use_clipped_model_output: bool = False,
     variance_noise: torch.Tensor | None = None,
+    philox_state: torch.Tensor | None = None,
+    uncond_output: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step, checked and dispatched; returns `(prev_sample, pred_original_sample)`.
 
     Args:
-        model_output (`torch.Tensor`): the denoiser's output (noise, x0 or v, per `prediction_type`).
+        model_output (`torch.Tensor`): the denoiser's output (noise, x0 or v, per `prediction_type`); with
+            `uncond_output`, the conditional prediction of classifier-free guidance.
         sample (`torch.Tensor`): the current sample x_t, same shape and device.
-        coefficients (`torch.Tensor`): a float64 row of `fastddim.schedule.step_table` (any device; the
-            Triton backend moves it to the sample's device if needed, which costs a copy).
-        eta (`float`): noise weight, >= 0; noise is added only with `variance_noise`.
+        table (`torch.Tensor`): the float64 `fastddim.schedule.step_table`. The Triton backend needs it on the
+            sample's device; the torch backend on the CPU for an int timestep, else on the timestep's device.
+        timestep (`int` or integer `torch.Tensor`): one timestep, or one per sample (shape `(batch,)`). A tensor
+            is never read by the host; timesteps outside the table give NaN. None: `table` is one table row.
+        eta (`float`): noise weight, >= 0.
         prediction_type (`str`): "epsilon", "sample" or "v_prediction".
         clip_sample (`bool`), clip_sample_range (`float`): clamp x0 to [-range, range].
         thresholding (`bool`), dynamic_thresholding_ratio (`float`), sample_max_value (`float`): dynamic
             thresholding of x0 (takes precedence over clipping, as in diffusers).
         use_clipped_model_output (`bool`): re-derive the noise prediction from the clipped x0.
         variance_noise (`torch.Tensor`, *optional*): standard normal noise of the sample's shape.
+        philox_state (`torch.Tensor`, *optional*): instead, an int64 (seed, counter) tensor on the sample's
+            device from which the noise is drawn in the kernel (the caller advances the counter).
+        uncond_output (`torch.Tensor`, *optional*): the unconditional prediction; fuses classifier-free
+            guidance `uncond + guidance_scale * (model_output - uncond)`, rescaled by `guidance_rescale` as
+            diffusers' `rescale_noise_cfg`.
         backend (`str`, *optional*): "torch" or "triton"; chosen by `select_backend` when None.
     """
-    check_step_inputs(model_output, sample, variance_noise)
+    table, timestep = as_table(table, timestep)
+    check_step_inputs(model_output, sample, variance_noise, uncond_output)
     eta = check_eta(eta)
     if prediction_type not in reference.PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {reference.PREDICTION_TYPES}, got {prediction_type!r}")
-    if not isinstance(coefficients, torch.Tensor) or coefficients.dtype != torch.float64 or coefficients.shape != (
-        ROW_WIDTH,
+    if not isinstance(table, torch.Tensor) or table.dtype != torch.float64 or table.dim() != 2 or (
+        table.shape[1] != ROW_WIDTH
     ):
-        raise TypeError(f"coefficients must be a float64 tensor of shape ({ROW_WIDTH},), a row of step_table")
+        raise TypeError(f"table must be a float64 tensor of shape (num_train_timesteps, {ROW_WIDTH}): a step_table")
+    timestep = check_timestep(timestep, sample.shape[0] if sample.dim() else 1)
+    if variance_noise is not None and philox_state is not None:
+        raise ValueError("pass either variance_noise or philox_state, not both")
+    if philox_state is not None and (
+        not isinstance(philox_state, torch.Tensor) or philox_state.dtype != torch.int64
+        or tuple(philox_state.shape) != (2,) or philox_state.device != sample.device
+    ):
+        raise ValueError("philox_state must be an int64 tensor (seed, counter) of shape (2,) on the sample's device")
+    if uncond_output is not None:
+        guidance_scale = check_real("guidance_scale", guidance_scale)
+        guidance_rescale = check_real("guidance_rescale", guidance_rescale, minimum=0.0)
     if backend is None:
         backend = select_backend(sample.device)
     elif backend not in BACKENDS:
@@ -146,17 +190,56 @@ def ddim_step(
 
     if backend == "torch" or thresholding:
         return reference.ddim_step(
-            model_output, sample, coefficients, eta=eta, prediction_type=prediction_type,
+            model_output, sample, table, timestep, eta=eta, prediction_type=prediction_type,
             clip_sample=clip_sample, clip_sample_range=clip_sample_range, thresholding=thresholding,
             dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
             use_clipped_model_output=use_clipped_model_output, variance_noise=variance_noise,
+            philox_state=philox_state, uncond_output=uncond_output, guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale,
         )
+    if table.device != sample.device:
+        raise ValueError(f"table must be on the device of sample ({sample.device}) for the triton backend")
+    if isinstance(timestep, torch.Tensor) and timestep.device != sample.device:
+        timestep = timestep.to(sample.device)
+    step = _triton_step_op if torch.compiler.is_compiling() else _triton_step
+    return step(
+        model_output, sample, table, timestep if isinstance(timestep, torch.Tensor) else None,
+        timestep if not isinstance(timestep, torch.Tensor) else 0, eta, prediction_type, bool(clip_sample),
+        float(clip_sample_range), bool(use_clipped_model_output), variance_noise, philox_state, uncond_output,
+        float(guidance_scale), float(guidance_rescale),
+    )
+
+
+def _triton_step(model_output, sample, table, timestep_tensor, timestep_value, eta, prediction_type, clip_sample,
+                 clip_sample_range, use_clipped_model_output, variance_noise, philox_state, uncond_output,
+                 guidance_scale, guidance_rescale):
     from fastddim import kernels
 
-    if coefficients.device != sample.device:
-        coefficients = coefficients.to(sample.device)
     return kernels.ddim_step(
-        model_output, sample, coefficients, eta=eta, prediction_type=prediction_type, clip_sample=clip_sample,
-        clip_sample_range=clip_sample_range, use_clipped_model_output=use_clipped_model_output,
-        variance_noise=variance_noise,
+        model_output, sample, table, timestep_tensor if timestep_tensor is not None else timestep_value, eta=eta,
+        prediction_type=prediction_type, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+        use_clipped_model_output=use_clipped_model_output, variance_noise=variance_noise, philox_state=philox_state,
+        uncond_output=uncond_output, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
     )
+
+
+@torch.library.custom_op("fastddim::ddim_step", mutates_args=())
+def _triton_step_op(
+    model_output: torch.Tensor, sample: torch.Tensor, table: torch.Tensor, timestep_tensor: torch.Tensor | None,
+    timestep_value: int, eta: float, prediction_type: str, clip_sample: bool, clip_sample_range: float,
+    use_clipped_model_output: bool, variance_noise: torch.Tensor | None, philox_state: torch.Tensor | None,
+    uncond_output: torch.Tensor | None, guidance_scale: float, guidance_rescale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _triton_step(model_output, sample, table, timestep_tensor, timestep_value, eta, prediction_type,
+                        clip_sample, clip_sample_range, use_clipped_model_output, variance_noise, philox_state,
+                        uncond_output, guidance_scale, guidance_rescale)
+
+
+@_triton_step_op.register_fake
+def _(model_output, sample, table, timestep_tensor, timestep_value, eta, prediction_type, clip_sample,
+      clip_sample_range, use_clipped_model_output, variance_noise, philox_state, uncond_output, guidance_scale,
+      guidance_rescale):
+    from fastddim.kernels.ddim import allocate_outputs
+
+    outputs, _, _ = allocate_outputs(model_output, sample, uncond_output, variance_noise, philox_state is not None)
+    return outputs

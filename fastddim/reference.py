@@ -2,14 +2,18 @@
 
 The same math as kernels/ddim.py, written for clarity and for few passes over memory: it computes in float32
 (float64 for float64 inputs) and rounds once to the output dtype, where diffusers rounds every intermediate to
-the input dtype. It never writes to its inputs.
+the input dtype. It never writes to its inputs. A host (Python int) timestep takes its coefficients as Python
+floats from a CPU table; a tensor timestep (one, or one per sample) gathers them on the device, so the step
+needs no host read and traces under torch.compile.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastddim.schedule import BETA_PREV, SQRT_ALPHA_PREV, SQRT_ALPHA_T, SQRT_BETA_T, noise_scales
+from fastddim.schedule import (
+    BETA_PREV, SQRT_ALPHA_PREV, SQRT_ALPHA_T, SQRT_BETA_T, VARIANCE, as_table, noise_scales,
+)
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
@@ -27,10 +31,108 @@ def threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
     return (torch.clamp(flat, -s, s) / s).reshape(x0.shape)
 
 
+def guided_output(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float, guidance_rescale: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Classifier-free guidance in `dtype`: uncond + scale * (cond - uncond), then diffusers' `rescale_noise_cfg`
+    (per-sample std over all but the batch dimension, Bessel-corrected) when guidance_rescale > 0."""
+    c = cond.to(dtype)
+    u = uncond.to(dtype)
+    guided = u + guidance_scale * (c - u)
+    if guidance_rescale != 0:
+        # Statistics in float64, as the kernel accumulates them.
+        dims = list(range(1, guided.dim()))
+        std_cond = c.to(torch.float64).std(dim=dims, keepdim=True)
+        guided64 = u.to(torch.float64) + guidance_scale * (c.to(torch.float64) - u.to(torch.float64))
+        std_cfg = guided64.std(dim=dims, keepdim=True)
+        rescaled = guided * (std_cond / std_cfg).to(dtype)
+        guided = guidance_rescale * rescaled + (1.0 - guidance_rescale) * guided
+    return guided
+
+
+# Philox4x32-10 and Box-Muller exactly as Triton's tl.random does them (the kernels call those), in int64 torch.
+_MASK32 = 0xFFFFFFFF
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+
+
+def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of the 64-bit product of the constant `a` and uint32 values `b` (in int64)."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    part_hi, part_lo = a * b_hi, a * b_lo  # each < 2**48: no int64 overflow
+    high = (part_hi + (part_lo >> 16)) >> 16
+    low = (((part_hi & 0xFFFF) << 16) + part_lo) & _MASK32
+    return high, low
+
+
+def philox_normal(philox_state: torch.Tensor, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The standard normal noise the kernel draws for `numel` elements from `philox_state` = (seed, counter):
+    element i gets Philox4x32-10(key = seed, counter block = (i_lo, i_hi, counter_lo, counter_hi)), whose first
+    two words become one normal by Box-Muller in float32, as in `tl.randn`."""
+    device = philox_state.device
+    seed, counter = philox_state[0], philox_state[1]
+    index = torch.arange(numel, device=device, dtype=torch.int64)
+    c0, c1 = index & _MASK32, (index >> 32) & _MASK32
+    c2 = (counter & _MASK32).expand(numel)
+    c3 = ((counter >> 32) & _MASK32).expand(numel)
+    k0 = seed & _MASK32
+    k1 = (seed >> 32) & _MASK32
+    for _ in range(10):
+        hi_b, lo_b = _mul32(_ROUND_B, c2)
+        hi_a, lo_a = _mul32(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _MASK32
+        k1 = (k1 + _KEY_B) & _MASK32
+    # uint32 -> int32 bit pattern -> uniform float in [0, 1), as tl.random.uint_to_uniform_float
+    def to_uniform(word):
+        signed = torch.where(word >= 2**31, word - 2**32, word)
+        signed = torch.where(signed < 0, -signed - 1, signed)
+        return signed.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+    u1 = torch.clamp(to_uniform(c0), min=1.0e-7)
+    theta = torch.tensor(6.283185307179586, dtype=torch.float32) * to_uniform(c1)
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    return (radius * torch.cos(theta)).to(dtype)
+
+
+def _coefficients(table: torch.Tensor, timestep, eta: float, ndim: int, dtype: torch.dtype):
+    """(sqrt_alpha_t, sqrt_beta_t, sqrt_alpha_prev, direction, std): Python floats for an int timestep, tensors
+    shaped to broadcast over the batch for a tensor timestep (NaN for timesteps outside the table)."""
+    if not isinstance(timestep, torch.Tensor):
+        row = table[int(timestep)].tolist()
+        std, direction = noise_scales(row, eta)
+        return row[SQRT_ALPHA_T], row[SQRT_BETA_T], row[SQRT_ALPHA_PREV], direction, std
+    t = timestep.reshape(-1).to(table.device)
+    valid = (t >= 0) & (t < table.shape[0])
+    rows = table[t.clamp(0, table.shape[0] - 1)]
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=table.device)
+    std = rows[:, VARIANCE].sqrt() * eta
+    radicand = rows[:, BETA_PREV] - std * std
+    direction = torch.where((radicand < 0) & (eta <= 1), torch.zeros_like(radicand), radicand).sqrt()
+    columns = (torch.where(valid, rows[:, SQRT_ALPHA_T], nan), rows[:, SQRT_BETA_T],
+               torch.where(valid, rows[:, SQRT_ALPHA_PREV], nan), direction, std)
+    shape = (-1,) + (1,) * (ndim - 1)
+    return tuple(c.to(dtype).view(shape) for c in columns)
+
+
+def _sub_scaled(a: torch.Tensor, b: torch.Tensor, scale) -> torch.Tensor:
+    """a - scale * b, in one pass when `scale` is a Python number."""
+    if isinstance(scale, float):
+        return torch.sub(a, b, alpha=scale)
+    return a - scale * b
+
+
+def _add_scaled(a: torch.Tensor, b: torch.Tensor, scale) -> torch.Tensor:
+    """a + scale * b; `a` must be a fresh tensor (it may be updated in place)."""
+    if isinstance(scale, float):
+        return a.add_(b, alpha=scale)
+    return a.add_(scale * b)
+
+
 def ddim_step(
     model_output: torch.Tensor,
     sample: torch.Tensor,
-    coefficients,
+    table: torch.Tensor,
+    timestep=None,
     eta: float = 0.0,
     prediction_type: str = "epsilon",
     clip_sample: bool = False,
@@ -40,30 +142,38 @@ def ddim_step(
     sample_max_value: float = 1.0,
     use_clipped_model_output: bool = False,
     variance_noise: torch.Tensor | None = None,
+    philox_state: torch.Tensor | None = None,
+    uncond_output: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One DDIM step; returns `(prev_sample, pred_original_sample)` in the promoted dtype of the inputs.
 
-    `coefficients` is a row of `fastddim.schedule.step_table` (a float64 tensor or a sequence of floats).
-    Arguments are trusted: `fastddim.ops.ddim_step` checks them.
+    Arguments as `fastddim.kernels.ddim_step` (plus thresholding); `table` is `fastddim.schedule.step_table`,
+    on the CPU for an int timestep, on the timestep's device otherwise. Arguments are trusted:
+    `fastddim.ops.ddim_step` checks them.
     """
-    row = coefficients.tolist() if isinstance(coefficients, torch.Tensor) else list(coefficients)
-    sqrt_alpha_t, sqrt_beta_t, sqrt_alpha_prev = row[SQRT_ALPHA_T], row[SQRT_BETA_T], row[SQRT_ALPHA_PREV]
-    std, direction = noise_scales(row, eta)
+    table, timestep = as_table(table, timestep)
     out_dtype = torch.promote_types(model_output.dtype, sample.dtype)
     math_dtype = compute_dtype(out_dtype)
-    m = model_output.to(math_dtype)
+    sqrt_alpha_t, sqrt_beta_t, sqrt_alpha_prev, direction, std = _coefficients(
+        table, timestep, eta, sample.dim(), math_dtype)
+    if uncond_output is not None:
+        m = guided_output(model_output, uncond_output, guidance_scale, guidance_rescale, math_dtype)
+    else:
+        m = model_output.to(math_dtype)
     x = sample.to(math_dtype)
 
     # Every tensor below is freshly allocated unless noted, so the in-place ops never touch an input.
     if prediction_type == "epsilon":
-        x0 = torch.sub(x, m, alpha=sqrt_beta_t).div_(sqrt_alpha_t)
+        x0 = _sub_scaled(x, m, sqrt_beta_t).div_(sqrt_alpha_t)
         eps = m
     elif prediction_type == "sample":
-        x0 = m  # an input (or its upcast copy): only out-of-place ops on it below
-        eps = torch.sub(x, m, alpha=sqrt_alpha_t).div_(sqrt_beta_t)
+        x0 = m  # may be an input (or its upcast copy): only out-of-place ops on it below
+        eps = _sub_scaled(x, m, sqrt_alpha_t).div_(sqrt_beta_t)
     elif prediction_type == "v_prediction":
-        x0 = torch.mul(x, sqrt_alpha_t).sub_(m, alpha=sqrt_beta_t)
-        eps = torch.mul(m, sqrt_alpha_t).add_(x, alpha=sqrt_beta_t)
+        x0 = _sub_scaled(torch.mul(x, sqrt_alpha_t), m, sqrt_beta_t)
+        eps = _add_scaled(torch.mul(m, sqrt_alpha_t), x, sqrt_beta_t)
     else:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
@@ -73,11 +183,14 @@ def ddim_step(
         x0 = torch.clamp(x0, -clip_sample_range, clip_sample_range)
 
     if use_clipped_model_output:
-        eps = torch.sub(x, x0, alpha=sqrt_alpha_t).div_(sqrt_beta_t)
+        eps = _sub_scaled(x, x0, sqrt_alpha_t).div_(sqrt_beta_t)
 
-    prev = torch.mul(x0, sqrt_alpha_prev).add_(eps, alpha=direction)
+    prev = _add_scaled(torch.mul(x0, sqrt_alpha_prev), eps, direction)
     if variance_noise is not None:
-        prev.add_(variance_noise.to(math_dtype), alpha=std)
+        prev = _add_scaled(prev, variance_noise.to(math_dtype), std)
+    elif philox_state is not None:
+        noise = philox_normal(philox_state, sample.numel(), math_dtype).view(sample.shape)
+        prev = _add_scaled(prev, noise, std)
 
     if x0 is model_output:
         x0 = x0.clone()

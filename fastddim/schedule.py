@@ -144,6 +144,16 @@ def step_table(
     return table
 
 
+def as_table(table: torch.Tensor, timestep):
+    """Accept a single coefficient row with no timestep as a one-row table at timestep 0, so the functional
+    APIs take either `(table, timestep)` or one `step_table(...)[t]` row."""
+    if timestep is None:
+        if not isinstance(table, torch.Tensor) or tuple(table.shape) != (ROW_WIDTH,):
+            raise ValueError(f"without a timestep, pass one step_table row of shape ({ROW_WIDTH},) as the table")
+        return table.view(1, ROW_WIDTH), 0
+    return table, timestep
+
+
 def noise_scales(row, eta: float) -> tuple[float, float]:
     """(std_dev_t, direction coefficient) of a step with noise weight `eta`, from a table row (host floats).
 

@@ -18,6 +18,7 @@ import torch
 
 from fastddim import ops, reference
 from fastddim.config import SchedulerMixin, register_to_config
+from fastddim.noise import PhiloxGenerator, randn_tensor
 from fastddim.schedule import (
     BETA_PREV,
     BETA_SCHEDULES,
@@ -74,28 +75,6 @@ class DDIMSchedulerOutput:
 
     def to_tuple(self):
         return tuple(self.values())
-
-
-def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
-    """Standard normal noise drawn exactly as diffusers' `randn_tensor` draws it (same generator calls), so a
-    seeded pipeline gets the same noise with either scheduler. A CPU generator draws on the CPU, then moves."""
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    rand_device = device
-    if generator is not None:
-        first = generator[0] if isinstance(generator, (list, tuple)) else generator
-        if first.device.type != device.type:
-            if first.device.type != "cpu":
-                raise ValueError(f"generator is on {first.device}: it cannot make noise for a tensor on {device}")
-            rand_device = torch.device("cpu")
-    if isinstance(generator, (list, tuple)) and len(generator) == 1:
-        generator = generator[0]
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"generator is a list of {len(generator)} generators; the batch size is {shape[0]}")
-        one = (1,) + tuple(shape[1:])
-        draws = [torch.randn(one, generator=g, device=rand_device, dtype=dtype) for g in generator]
-        return torch.cat(draws, dim=0).to(device)
-    return torch.randn(tuple(shape), generator=generator, device=rand_device, dtype=dtype).to(device)
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -177,30 +156,34 @@ class _DDIMBase(SchedulerMixin):
         self._table = step_table(self.alphas_cumprod, num_inference_steps, float(self._boundary_alpha_cumprod()),
                                  inverse=self._inverse)
         self._device_tables = {}
+        if device is not None:
+            self._table_on(torch.device(device))
 
-    def _timestep_index(self, timestep) -> int:
+    def _resolve_timestep(self, timestep, sample: torch.Tensor):
+        """An int (checked against the table) for host timesteps; device tensors stay on the device unread."""
+        num_train = self.config.num_train_timesteps
+        timestep = ops.check_timestep(timestep, sample.shape[0] if sample.dim() else 1)
         if isinstance(timestep, torch.Tensor):
-            if timestep.numel() != 1 or timestep.is_floating_point() or timestep.dtype == torch.bool:
-                raise TypeError(
-                    f"timestep must be an int or a one-element integer tensor, got a {timestep.dtype} tensor of "
-                    f"shape {tuple(timestep.shape)}"
-                )
-            timestep = int(timestep.item())
-        elif isinstance(timestep, bool) or not isinstance(timestep, numbers.Integral):
-            raise TypeError(f"timestep must be an int, got {type(timestep).__name__}")
-        timestep = int(timestep)
-        if not 0 <= timestep < self.config.num_train_timesteps:
-            raise ValueError(f"timestep must be in [0, {self.config.num_train_timesteps}), got {timestep}")
+            if timestep.device.type != "cpu" or torch.compiler.is_compiling():
+                return timestep  # no host read: a timestep outside the table gives NaN (see kernels/ddim.py)
+            if timestep.numel() == 1:
+                timestep = int(timestep.item())
+            else:
+                if not bool(((timestep >= 0) & (timestep < num_train)).all()):
+                    raise ValueError(f"timestep values must be in [0, {num_train}), got {timestep.tolist()}")
+                return timestep.to(sample.device)
+        if not 0 <= timestep < num_train:
+            raise ValueError(f"timestep must be in [0, {num_train}), got {timestep}")
         return timestep
 
-    def _coefficients(self, index: int, backend: str, device: torch.device) -> torch.Tensor:
-        """Row `index` of the step table, on the host for the torch path or on `device` for the kernels."""
-        if backend == "torch" or device.type == "cpu":
-            return self._table[index]
+    def _table_on(self, device: torch.device) -> torch.Tensor:
+        """The step table on `device` (copied once per device and set_timesteps)."""
+        if device.type == "cpu":
+            return self._table
         table = self._device_tables.get(device)
         if table is None:
             table = self._device_tables[device] = self._table.to(device)
-        return table[index]
+        return table
 
     def _alphas_cumprod_on(self, device: torch.device) -> torch.Tensor:
         cached = self._device_alphas.get(device)
@@ -208,23 +191,33 @@ class _DDIMBase(SchedulerMixin):
             cached = self._device_alphas[device] = self.alphas_cumprod.to(device=device, dtype=torch.float64)
         return cached
 
-    def _run_step(self, model_output, timestep, sample, eta, use_clipped_model_output, variance_noise,
-                  thresholding, return_dict):
+    def _run_step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False,
+                  variance_noise=None, philox_state=None, uncond_output=None, guidance_scale=1.0,
+                  guidance_rescale=0.0, thresholding=False, return_dict=True):
         if self.num_inference_steps is None:
             raise ValueError("num_inference_steps is not set: call set_timesteps(num_inference_steps) before step")
-        ops.check_step_inputs(model_output, sample, variance_noise)
-        index = self._timestep_index(timestep)
-        backend = ops.select_backend(sample.device)
-        coefficients = self._coefficients(index, "torch" if thresholding else backend, sample.device)
+        ops.check_step_inputs(model_output, sample, variance_noise, uncond_output)
+        timestep = self._resolve_timestep(timestep, sample)
+        if eta > 1 and isinstance(timestep, int):
+            row = self._table[timestep]
+            if float(row[BETA_PREV]) - eta * eta * float(row[VARIANCE]) < 0:
+                raise ValueError(
+                    f"eta={eta} is too large at timestep {timestep}: 1 - alpha_prev - eta^2 * variance < 0 "
+                    "(diffusers would return NaN there); use eta <= 1"
+                )
+        backend = "torch" if thresholding else ops.select_backend(sample.device)
+        host_row = isinstance(timestep, int) and backend == "torch"
+        table = self._table if host_row else self._table_on(sample.device)
         config = self.config
         prev_sample, pred_original_sample = ops.ddim_step(
-            model_output, sample, coefficients, eta=eta, prediction_type=config.prediction_type,
+            model_output, sample, table, timestep, eta=eta, prediction_type=config.prediction_type,
             clip_sample=config.clip_sample, clip_sample_range=config.clip_sample_range,
             thresholding=thresholding,
             dynamic_thresholding_ratio=config.get("dynamic_thresholding_ratio", 0.995),
             sample_max_value=config.get("sample_max_value", 1.0),
             use_clipped_model_output=use_clipped_model_output, variance_noise=variance_noise,
-            backend="torch" if thresholding else backend,
+            philox_state=philox_state, uncond_output=uncond_output, guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale, backend=backend,
         )
         if not return_dict:
             return (prev_sample, pred_original_sample)
@@ -343,23 +336,62 @@ class DDIMScheduler(_DDIMBase):
         Returns:
             `DDIMSchedulerOutput` or `tuple`: `(prev_sample, pred_original_sample)`.
         """
+        return self._noisy_step(model_output, timestep, sample, eta, use_clipped_model_output, generator,
+                                variance_noise, return_dict)
+
+    def guided_step(
+        self,
+        noise_pred_uncond: torch.Tensor,
+        noise_pred_cond: torch.Tensor,
+        timestep,
+        sample: torch.Tensor,
+        guidance_scale: float,
+        guidance_rescale: float = 0.0,
+        eta: float = 0.0,
+        use_clipped_model_output: bool = False,
+        generator=None,
+        variance_noise: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> DDIMSchedulerOutput | tuple:
+        """Classifier-free guidance fused into the step: `step` on the guided model output.
+
+        The model output used is `uncond + guidance_scale * (cond - uncond)`, rescaled as diffusers'
+        `rescale_noise_cfg` when `guidance_rescale > 0` (per-sample std over all but the batch dimension), all
+        in the same pass as the step on the Triton backend, so pipelines skip separate guidance kernels.
+
+        Args:
+            noise_pred_uncond (`torch.Tensor`): the model output without conditioning.
+            noise_pred_cond (`torch.Tensor`): the model output with conditioning (diffusers' `noise_pred_text`).
+            timestep, sample, eta, use_clipped_model_output, generator, variance_noise, return_dict: as in `step`.
+            guidance_scale (`float`): the guidance weight (1 means no guidance).
+            guidance_rescale (`float`, defaults to 0.0): the weight of the std-rescaled guidance, from
+                "Common Diffusion Noise Schedules and Sample Steps are Flawed" (section 3.4).
+        """
+        return self._noisy_step(noise_pred_cond, timestep, sample, eta, use_clipped_model_output, generator,
+                                variance_noise, return_dict, uncond_output=noise_pred_uncond,
+                                guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
+
+    def _noisy_step(self, model_output, timestep, sample, eta, use_clipped_model_output, generator, variance_noise,
+                    return_dict, **guidance):
         eta = ops.check_eta(eta)
         if generator is not None and variance_noise is not None:
             raise ValueError("pass either generator or variance_noise, not both")
-        if eta > 1 and self.num_inference_steps is not None:
-            row = self._table[self._timestep_index(timestep)]
-            if float(row[BETA_PREV]) - eta * eta * float(row[VARIANCE]) < 0:
-                raise ValueError(
-                    f"eta={eta} is too large at timestep {int(timestep)}: 1 - alpha_prev - eta^2 * variance < 0 "
-                    "(diffusers would return NaN); use eta <= 1"
-                )
-        if eta > 0 and variance_noise is None and isinstance(model_output, torch.Tensor):
+        philox_state = None
+        if eta == 0:
+            variance_noise = None  # diffusers draws no noise at eta 0 and ignores variance_noise
+        elif isinstance(generator, PhiloxGenerator):
+            if generator.device != getattr(sample, "device", generator.device):
+                raise ValueError(f"generator lives on {generator.device}, the sample on {sample.device}")
+            philox_state = generator.state
+        elif variance_noise is None and isinstance(model_output, torch.Tensor):
             variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                           dtype=model_output.dtype)
-        if eta == 0:
-            variance_noise = None
-        return self._run_step(model_output, timestep, sample, eta, use_clipped_model_output, variance_noise,
-                              self.config.thresholding, return_dict)
+        result = self._run_step(model_output, timestep, sample, eta, use_clipped_model_output, variance_noise,
+                                philox_state, thresholding=self.config.thresholding, return_dict=return_dict,
+                                **guidance)
+        if philox_state is not None:
+            generator.advance()
+        return result
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """Forward diffusion: sqrt(alpha_t) * original_samples + sqrt(1 - alpha_t) * noise.
@@ -488,4 +520,4 @@ class DDIMInverseScheduler(_DDIMBase):
         Returns:
             `DDIMSchedulerOutput` or `tuple`: `(prev_sample, pred_original_sample)`.
         """
-        return self._run_step(model_output, timestep, sample, 0.0, False, None, False, return_dict)
+        return self._run_step(model_output, timestep, sample, return_dict=return_dict)

@@ -1,9 +1,11 @@
-"""Fused DDIM step: one Triton kernel and its launcher.
+"""Fused DDIM step: Triton kernels and their launcher.
 
-The kernel reads model_output, sample (and the noise, when there is any) once and writes prev_sample and
-pred_original_sample once. It computes in float32 (float64 for float64 outputs) and rounds once. The step
-coefficients come from a row of `fastddim.schedule.step_table` in device memory, so a timestep never has to be
-turned into numbers on the host. Arguments are trusted here: `fastddim.ops` checks them.
+One pass reads model_output (or the two guidance predictions), sample and the noise once, and writes
+prev_sample and pred_original_sample once. Math is float32 (float64 for float64 outputs), rounded once. The
+step coefficients come from `fastddim.schedule.step_table` in device memory, indexed by the timestep, which may
+itself live on the device (one per batch or one per sample): no timestep ever has to be read by the host, so the
+step can be captured in a CUDA graph and replayed for every timestep. Arguments are trusted here:
+`fastddim.ops` checks them.
 """
 
 from __future__ import annotations
@@ -12,24 +14,55 @@ import torch
 import triton
 import triton.language as tl
 
+from fastddim.schedule import ROW_WIDTH, as_table
+
 PREDICTION_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
+TIMESTEP_SCALAR, TIMESTEP_TENSOR, TIMESTEP_PER_SAMPLE = 0, 1, 2
+NOISE_NONE, NOISE_TENSOR, NOISE_PHILOX = 0, 1, 2
+GUIDANCE_NONE, GUIDANCE_CFG, GUIDANCE_RESCALED = 0, 1, 2
 MAX_RANK = 5
 BLOCK_SIZE = 1024
+STATS_BLOCK_SIZE = 1024
 INT32_LIMIT = 2**31 - 1
+# Globals read inside a @triton.jit function must be constexpr (the interpreter does not enforce it; GPUs do).
+TABLE_ROW_WIDTH = tl.constexpr(ROW_WIDTH)
 
 
 @triton.jit
+def _standard_normal(seed, counter, index):
+    """N(0, 1) noise for element `index` of draw number `counter`: Philox4x32-10 keyed by `seed` with the counter
+    block (index_lo, index_hi, counter_lo, counter_hi), then Box-Muller as in `tl.randn`. The torch path draws
+    the same stream (fastddim.reference.philox_normal)."""
+    index = index.to(tl.int64)
+    zero = (index * 0).to(tl.uint32)
+    c0 = (index & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((index >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c2 = zero + (counter & 0xFFFFFFFF).to(tl.uint32)
+    c3 = zero + ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    r0, r1, _, _ = tl.random.philox(seed, c0, c1, c2, c3)
+    u1 = tl.random.uint_to_uniform_float(r0)
+    u2 = tl.random.uint_to_uniform_float(r1)
+    normal, _ = tl.random.pair_uniform_to_normal(u1, u2)
+    return normal
+
+
+@triton.jit(do_not_specialize=["timestep", "eta", "clip_range", "guidance_scale", "guidance_rescale"])
 def _ddim_step_kernel(
-    model_output_ptr, sample_ptr, noise_ptr, prev_ptr, x0_ptr, coef_ptr,
-    eta, clip_range, n_elements,
+    model_output_ptr, uncond_ptr, sample_ptr, noise_ptr, prev_ptr, x0_ptr,
+    table_ptr, timestep_ptr, rng_ptr, stats_ptr,
+    timestep, num_train_timesteps, eta, clip_range, guidance_scale, guidance_rescale,
+    n_elements, batch_stride,
     size_1, size_2, size_3, size_4,
     m_stride_0, m_stride_1, m_stride_2, m_stride_3, m_stride_4,
+    u_stride_0, u_stride_1, u_stride_2, u_stride_3, u_stride_4,
     x_stride_0, x_stride_1, x_stride_2, x_stride_3, x_stride_4,
     n_stride_0, n_stride_1, n_stride_2, n_stride_3, n_stride_4,
     PREDICTION: tl.constexpr,  # 0 epsilon, 1 sample, 2 v_prediction
     CLIP: tl.constexpr,
     USE_CLIPPED: tl.constexpr,
-    HAS_NOISE: tl.constexpr,
+    TIMESTEP_MODE: tl.constexpr,  # 0 the `timestep` argument, 1 timestep_ptr[0], 2 timestep_ptr[batch index]
+    NOISE: tl.constexpr,  # 0 none, 1 noise_ptr, 2 in-kernel Philox from rng_ptr = (seed, counter)
+    GUIDANCE: tl.constexpr,  # 0 none, 1 uncond + scale * (cond - uncond), 2 that rescaled by stats_ptr
     STRIDED: tl.constexpr,  # False: all tensors share one dense layout, index memory directly
     INT64: tl.constexpr,  # offsets can pass 2**31 - 1
     MATH_FP64: tl.constexpr,
@@ -51,24 +84,42 @@ def _ddim_step_kernel(
         i2 = rest % size_2
         rest = rest // size_2
         i1 = rest % size_1
-        i0 = rest // size_1
-        m_offsets = i0 * m_stride_0 + i1 * m_stride_1 + i2 * m_stride_2 + i3 * m_stride_3 + i4 * m_stride_4
-        x_offsets = i0 * x_stride_0 + i1 * x_stride_1 + i2 * x_stride_2 + i3 * x_stride_3 + i4 * x_stride_4
-        n_offsets = i0 * n_stride_0 + i1 * n_stride_1 + i2 * n_stride_2 + i3 * n_stride_3 + i4 * n_stride_4
+        batch = rest // size_1
+        m_offsets = batch * m_stride_0 + i1 * m_stride_1 + i2 * m_stride_2 + i3 * m_stride_3 + i4 * m_stride_4
+        u_offsets = batch * u_stride_0 + i1 * u_stride_1 + i2 * u_stride_2 + i3 * u_stride_3 + i4 * u_stride_4
+        x_offsets = batch * x_stride_0 + i1 * x_stride_1 + i2 * x_stride_2 + i3 * x_stride_3 + i4 * x_stride_4
+        n_offsets = batch * n_stride_0 + i1 * n_stride_1 + i2 * n_stride_2 + i3 * n_stride_3 + i4 * n_stride_4
+        logical = offsets
     else:
         m_offsets = offsets
+        u_offsets = offsets
         x_offsets = offsets
         n_offsets = offsets
+        # In a dense layout whose batch dimension is outermost, memory offset // batch_stride is the batch index;
+        # the launcher only takes this path for Philox noise when the layout is contiguous (logical == memory).
+        batch = offsets // batch_stride
+        logical = offsets
 
+    if TIMESTEP_MODE == 0:
+        t = timestep
+    elif TIMESTEP_MODE == 1:
+        t = tl.load(timestep_ptr)
+    else:
+        t = tl.load(timestep_ptr + batch, mask=mask, other=0)
+    # A timestep outside the table has no coefficients: its results are NaN, never a neighbour's numbers.
+    valid = (t >= 0) & (t < num_train_timesteps)
+    row = table_ptr + tl.where(valid, t, 0).to(tl.int64) * TABLE_ROW_WIDTH
+    nan = float("nan")
     # Coefficients in float64 (columns as in fastddim.schedule), the eta terms as fastddim.schedule.noise_scales.
-    sqrt_alpha_t64 = tl.load(coef_ptr + 0)
-    sqrt_beta_t64 = tl.load(coef_ptr + 1)
-    sqrt_alpha_prev64 = tl.load(coef_ptr + 2)
-    beta_prev64 = tl.load(coef_ptr + 3)
-    variance64 = tl.load(coef_ptr + 4)
+    sqrt_alpha_t64 = tl.where(valid, tl.load(row + 0), nan)
+    sqrt_beta_t64 = tl.load(row + 1)
+    sqrt_alpha_prev64 = tl.where(valid, tl.load(row + 2), nan)
+    beta_prev64 = tl.load(row + 3)
+    variance64 = tl.load(row + 4)
     std64 = tl.sqrt(variance64) * eta  # eta arrives as float32; the product is float64
     radicand = beta_prev64 - std64 * std64
-    direction64 = tl.sqrt(tl.where(radicand < 0.0, 0.0, radicand))
+    # Below zero is rounding when eta <= 1; with eta > 1 it is a true NaN, as in diffusers.
+    direction64 = tl.sqrt(tl.where((radicand < 0.0) & (eta <= 1.0), 0.0, radicand))
 
     if MATH_FP64:
         math_dtype = tl.float64
@@ -81,6 +132,16 @@ def _ddim_step_kernel(
 
     m = tl.load(model_output_ptr + m_offsets, mask=mask).to(math_dtype)
     x = tl.load(sample_ptr + x_offsets, mask=mask).to(math_dtype)
+    if GUIDANCE != 0:
+        # model_output holds the conditional prediction, uncond the unconditional one.
+        u = tl.load(uncond_ptr + u_offsets, mask=mask).to(math_dtype)
+        m = u + guidance_scale * (m - u)
+        if GUIDANCE == 2:
+            stats = stats_ptr + batch * 2
+            std_cond = tl.load(stats, mask=mask, other=1.0)
+            std_cfg = tl.load(stats + 1, mask=mask, other=1.0)
+            rescaled = m * (std_cond / std_cfg).to(math_dtype)
+            m = guidance_rescale * rescaled + (1.0 - guidance_rescale) * m
 
     if PREDICTION == 0:
         x0 = tl.math.div_rn(x - sqrt_beta_t * m, sqrt_alpha_t)
@@ -99,12 +160,49 @@ def _ddim_step_kernel(
         eps = tl.math.div_rn(x - sqrt_alpha_t * x0, sqrt_beta_t)
 
     prev = sqrt_alpha_prev * x0 + direction * eps
-    if HAS_NOISE:
+    if NOISE == 1:
         noise = tl.load(noise_ptr + n_offsets, mask=mask).to(math_dtype)
+        prev = prev + std64.to(math_dtype) * noise
+    elif NOISE == 2:
+        seed = tl.load(rng_ptr)
+        counter = tl.load(rng_ptr + 1)
+        noise = _standard_normal(seed, counter, logical).to(math_dtype)
         prev = prev + std64.to(math_dtype) * noise
 
     tl.store(prev_ptr + offsets, prev.to(prev_ptr.dtype.element_ty), mask=mask)
     tl.store(x0_ptr + offsets, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _guidance_stats_kernel(
+    cond_ptr, uncond_ptr, sums_ptr, guidance_scale, per_sample,
+    c_stride_0, c_stride_1, c_stride_2, c_stride_3, c_stride_4,
+    u_stride_0, u_stride_1, u_stride_2, u_stride_3, u_stride_4,
+    size_1, size_2, size_3, size_4,
+    BLOCK: tl.constexpr,
+):
+    """Per-sample sums of cond, cond^2, cfg and cfg^2 (cfg = uncond + scale * (cond - uncond)) in float64,
+    accumulated over a (batch, chunk) grid with atomics; the std of each follows from its two sums."""
+    batch = tl.program_id(0)
+    chunk = tl.program_id(1)
+    within = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = within < per_sample
+    i4 = within % size_4
+    rest = within // size_4
+    i3 = rest % size_3
+    rest = rest // size_3
+    i2 = rest % size_2
+    i1 = rest // size_2
+    c_offsets = batch * c_stride_0 + i1 * c_stride_1 + i2 * c_stride_2 + i3 * c_stride_3 + i4 * c_stride_4
+    u_offsets = batch * u_stride_0 + i1 * u_stride_1 + i2 * u_stride_2 + i3 * u_stride_3 + i4 * u_stride_4
+    c = tl.load(cond_ptr + c_offsets, mask=mask, other=0.0).to(tl.float64)
+    u = tl.load(uncond_ptr + u_offsets, mask=mask, other=0.0).to(tl.float64)
+    cfg = u + guidance_scale * (c - u)
+    out = sums_ptr + batch * 4
+    tl.atomic_add(out + 0, tl.sum(c, axis=0))
+    tl.atomic_add(out + 1, tl.sum(c * c, axis=0))
+    tl.atomic_add(out + 2, tl.sum(cfg, axis=0))
+    tl.atomic_add(out + 3, tl.sum(cfg * cfg, axis=0))
 
 
 # Whether Triton decorated the kernel for its interpreter (TRITON_INTERPRET=1 when this module was imported):
@@ -124,72 +222,149 @@ def is_dense(tensor: torch.Tensor) -> bool:
     return True
 
 
-def _strided_layout(tensors, shape):
-    """Shape and per-tensor strides padded to MAX_RANK dims (leading size-1 dims, stride 0)."""
-    pad = MAX_RANK - len(shape)
-    sizes = (1,) * pad + tuple(shape)
-    strides = [(0,) * pad + tuple(t.stride()) for t in tensors]
-    return sizes, strides
+def _padded(values, fill):
+    return (fill,) * (MAX_RANK - len(values)) + tuple(values)
 
 
 def _max_offset(tensor: torch.Tensor) -> int:
     return sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
 
 
+def guidance_std_ratio(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """(std(cond), std(cfg)) per sample as a (batch, 2) float64 tensor, std over all but the batch dimension with
+    Bessel's correction, as diffusers' `rescale_noise_cfg` takes it."""
+    batch = cond.shape[0]
+    per_sample = cond[0].numel()
+    if cond.dim() > MAX_RANK:
+        cond, uncond = cond.reshape(batch, per_sample), uncond.reshape(batch, per_sample)
+    sums = torch.zeros(batch, 4, dtype=torch.float64, device=cond.device)
+    inner = _padded(cond.shape[1:], 1)
+    c_strides = _padded(cond.stride()[1:], 0)
+    u_strides = _padded(uncond.stride()[1:], 0)
+    grid = (batch, triton.cdiv(per_sample, STATS_BLOCK_SIZE))
+    _guidance_stats_kernel[grid](
+        cond, uncond, sums, float(guidance_scale), per_sample,
+        cond.stride(0), *c_strides[1:], uncond.stride(0), *u_strides[1:], *inner[1:],
+        BLOCK=STATS_BLOCK_SIZE,
+    )
+    mean = sums[:, 0::2] / per_sample
+    variance = (sums[:, 1::2] - per_sample * mean * mean) / (per_sample - 1)
+    return variance.clamp(min=0).sqrt()
+
+
+def allocate_outputs(model_output, sample, uncond_output=None, variance_noise=None, philox=False):
+    """The step's two outputs, whether the kernel may index all tensors by one flat memory offset, and the
+    inputs (made contiguous when their rank exceeds what the strided indexing handles). Shared with the
+    torch.compile fake implementation, so traced and real outputs have the same strides."""
+    out_dtype = torch.promote_types(model_output.dtype, sample.dtype)
+    inputs = [model_output, sample, uncond_output, variance_noise]
+    present = [t for t in inputs if t is not None]
+    batch = sample.shape[0] if sample.dim() else 1
+    shared_dense = (
+        sample.dim() > 0
+        and is_dense(sample)
+        and all(t.stride() == sample.stride() for t in present)
+        and (batch == 1 or sample.stride(0) == sample[0].numel())
+        # The Philox stream is indexed by logical position, which equals the memory offset only when contiguous.
+        and (not philox or sample.is_contiguous())
+    )
+    if sample.dim() > MAX_RANK and not shared_dense:
+        inputs = [t.contiguous() if t is not None else None for t in inputs]
+        sample = inputs[1]
+        shared_dense = True
+    if shared_dense:
+        prev = torch.empty_like(sample, dtype=out_dtype)
+    else:
+        prev = torch.empty(sample.shape, dtype=out_dtype, device=sample.device)
+    return (prev, torch.empty_like(prev)), shared_dense, inputs
+
+
 def ddim_step(
     model_output: torch.Tensor,
     sample: torch.Tensor,
-    coefficients: torch.Tensor,
+    table: torch.Tensor,
+    timestep=None,
     eta: float = 0.0,
     prediction_type: str = "epsilon",
     clip_sample: bool = False,
     clip_sample_range: float = 1.0,
     use_clipped_model_output: bool = False,
     variance_noise: torch.Tensor | None = None,
+    philox_state: torch.Tensor | None = None,
+    uncond_output: torch.Tensor | None = None,
+    guidance_scale: float = 1.0,
+    guidance_rescale: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused DDIM step on the Triton kernel; returns `(prev_sample, pred_original_sample)`.
 
     Args:
         model_output, sample: tensors of one shape and device; float16, bfloat16, float32 or float64, any
-            strides. Outputs take their promoted dtype and, when both inputs share one dense layout (contiguous,
-            channels_last, ...), that layout; otherwise they are contiguous.
-        coefficients: a float64 row of `fastddim.schedule.step_table` on the same device.
-        eta: the noise weight; the noise term is `eta * sqrt(variance) * variance_noise`.
+            strides. Outputs take their promoted dtype and, when the inputs share one dense layout with the batch
+            outermost (contiguous, channels_last, ...), that layout; otherwise they are contiguous.
+        table: the float64 `fastddim.schedule.step_table` on the tensors' device.
+        timestep: an int, a one-element integer tensor on the device, or a (batch,) integer tensor on the device
+            (one timestep per sample). Timesteps outside the table give NaN. None: `table` is one table row.
+        eta: the noise weight; the noise term is `eta * sqrt(variance) * noise`.
         prediction_type: "epsilon", "sample" or "v_prediction".
         clip_sample, clip_sample_range: clamp pred_original_sample to [-range, range].
         use_clipped_model_output: re-derive the noise prediction from the clipped pred_original_sample.
-        variance_noise: the standard normal noise, same shape, or None for no noise term.
+        variance_noise: standard normal noise of the sample's shape, or None.
+        philox_state: instead of variance_noise, an int64 device tensor (seed, counter): the kernel draws the
+            noise itself (see `fastddim.reference.philox_normal`); the caller advances the counter.
+        uncond_output, guidance_scale, guidance_rescale: classifier-free guidance fused into the step: the
+            model output used is uncond + scale * (model_output - uncond), rescaled as diffusers'
+            `rescale_noise_cfg` when guidance_rescale > 0.
     """
-    out_dtype = torch.promote_types(model_output.dtype, sample.dtype)
-    inputs = [model_output, sample] + ([variance_noise] if variance_noise is not None else [])
-    shared_dense = is_dense(sample) and all(t.stride() == sample.stride() for t in inputs)
-    if len(sample.shape) > MAX_RANK and not shared_dense:
-        inputs = [t.contiguous() for t in inputs]
-        model_output, sample = inputs[0], inputs[1]
-        variance_noise = inputs[2] if variance_noise is not None else None
-        shared_dense = True
-    if shared_dense:
-        prev = torch.empty_like(sample, dtype=out_dtype)
-        sizes, strides = (1,) * MAX_RANK, [(0,) * MAX_RANK] * 3
-    else:
-        prev = torch.empty(sample.shape, dtype=out_dtype, device=sample.device)
-        sizes, strides = _strided_layout(inputs, sample.shape)
-        if variance_noise is None:
-            strides.append((0,) * MAX_RANK)
-    x0 = torch.empty_like(prev)
+    table, timestep = as_table(table, timestep)
+    (prev, x0), shared_dense, inputs = allocate_outputs(model_output, sample, uncond_output, variance_noise,
+                                                        philox_state is not None)
+    model_output, sample, uncond_output, variance_noise = inputs
+    out_dtype = prev.dtype
+    batch = sample.shape[0] if sample.dim() else 1
+    inputs = [t for t in inputs if t is not None]
     n_elements = sample.numel()
     if n_elements == 0:
         return prev, x0
+
+    def strides_of(tensor):
+        return _padded(tensor.stride(), 0) if tensor is not None and not shared_dense else (0,) * MAX_RANK
+
+    sizes = _padded(sample.shape, 1)
+    if isinstance(timestep, torch.Tensor):
+        timestep_mode = TIMESTEP_PER_SAMPLE if timestep.numel() > 1 else TIMESTEP_TENSOR
+        timestep_arg, timestep_ptr = 0, timestep
+    else:
+        timestep_mode, timestep_arg, timestep_ptr = TIMESTEP_SCALAR, int(timestep), table
+    if variance_noise is not None:
+        noise_mode = NOISE_TENSOR
+    elif philox_state is not None:
+        noise_mode = NOISE_PHILOX
+    else:
+        noise_mode = NOISE_NONE
+    stats = table
+    guidance_mode = GUIDANCE_NONE
+    if uncond_output is not None:
+        guidance_mode = GUIDANCE_CFG
+        if guidance_rescale != 0:
+            guidance_mode = GUIDANCE_RESCALED
+            stats = guidance_std_ratio(model_output, uncond_output, guidance_scale)
     int64 = max([n_elements - 1] + [_max_offset(t) for t in inputs]) > INT32_LIMIT - BLOCK_SIZE
     grid = (triton.cdiv(n_elements, BLOCK_SIZE),)
     _ddim_step_kernel[grid](
-        model_output, sample, variance_noise if variance_noise is not None else sample, prev, x0, coefficients,
-        float(eta), float(clip_sample_range), n_elements,
-        *sizes[1:], *strides[0], *strides[1], *strides[2],
+        model_output, uncond_output if uncond_output is not None else sample, sample,
+        variance_noise if variance_noise is not None else sample, prev, x0,
+        table, timestep_ptr, philox_state if philox_state is not None else table, stats,
+        timestep_arg, table.shape[0], float(eta), float(clip_sample_range), float(guidance_scale),
+        float(guidance_rescale),
+        n_elements, sample.stride(0) if shared_dense and batch > 1 else n_elements,
+        *sizes[1:], *strides_of(model_output), *strides_of(uncond_output), *strides_of(sample),
+        *strides_of(variance_noise),
         PREDICTION=PREDICTION_CODES[prediction_type],
         CLIP=bool(clip_sample),
         USE_CLIPPED=bool(use_clipped_model_output),
-        HAS_NOISE=variance_noise is not None,
+        TIMESTEP_MODE=timestep_mode,
+        NOISE=noise_mode,
+        GUIDANCE=guidance_mode,
         STRIDED=not shared_dense,
         INT64=int64,
         MATH_FP64=out_dtype == torch.float64,
