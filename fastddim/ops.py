@@ -9,7 +9,6 @@ the torch path on every backend for now. Under torch.compile the Triton step is 
 
 from __future__ import annotations
 
-import functools
 import math
 import numbers
 import os
@@ -24,15 +23,21 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
+_triton_importable: bool | None = None  # found out on first use: importing triton takes a while
 
-        from fastddim import kernels  # noqa: F401
-    except Exception:
-        return False
-    return True
+
+def triton_available() -> bool:
+    global _triton_importable
+    if _triton_importable is None:
+        try:
+            import triton  # noqa: F401
+
+            from fastddim import kernels  # noqa: F401
+        except Exception:
+            _triton_importable = False
+        else:
+            _triton_importable = True
+    return _triton_importable
 
 
 def triton_interpreting() -> bool:

@@ -64,32 +64,37 @@ def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return high, low
 
 
-def philox_normal(philox_state: torch.Tensor, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The standard normal noise the kernel draws for `numel` elements from `philox_state` = (seed, counter):
-    element i gets Philox4x32-10(key = seed, counter block = (i_lo, i_hi, counter_lo, counter_hi)), whose first
-    two words become one normal by Box-Muller in float32, as in `tl.randn`."""
-    device = philox_state.device
-    seed, counter = philox_state[0], philox_state[1]
-    index = torch.arange(numel, device=device, dtype=torch.int64)
-    c0, c1 = index & _MASK32, (index >> 32) & _MASK32
-    c2 = (counter & _MASK32).expand(numel)
-    c3 = ((counter >> 32) & _MASK32).expand(numel)
-    k0 = seed & _MASK32
-    k1 = (seed >> 32) & _MASK32
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 (Salmon et al., SC 2011) on int64 tensors holding uint32 words; returns the 4 output words."""
     for _ in range(10):
         hi_b, lo_b = _mul32(_ROUND_B, c2)
         hi_a, lo_a = _mul32(_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0 = (k0 + _KEY_A) & _MASK32
         k1 = (k1 + _KEY_B) & _MASK32
-    # uint32 -> int32 bit pattern -> uniform float in [0, 1), as tl.random.uint_to_uniform_float
-    def to_uniform(word):
-        signed = torch.where(word >= 2**31, word - 2**32, word)
-        signed = torch.where(signed < 0, -signed - 1, signed)
-        return signed.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+    return c0, c1, c2, c3
 
-    u1 = torch.clamp(to_uniform(c0), min=1.0e-7)
-    theta = torch.tensor(6.283185307179586, dtype=torch.float32) * to_uniform(c1)
+
+def _uniform(word: torch.Tensor) -> torch.Tensor:
+    """A uint32 word to a float32 in [0, 1), as tl.random.uint_to_uniform_float (via its int32 bit pattern)."""
+    signed = torch.where(word >= 2**31, word - 2**32, word)
+    signed = torch.where(signed < 0, -signed - 1, signed)
+    return signed.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def philox_normal(philox_state: torch.Tensor, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The standard normal noise the kernel draws for `numel` elements from `philox_state` = (seed, counter):
+    element i gets Philox4x32-10(key = seed, counter block = (i_lo, i_hi, counter_lo, counter_hi)), whose first
+    two words become one normal by Box-Muller in float32, as in `tl.randn`."""
+    seed, counter = philox_state[0], philox_state[1]
+    index = torch.arange(numel, device=philox_state.device, dtype=torch.int64)
+    r0, r1, _, _ = philox4x32_10(
+        index & _MASK32, (index >> 32) & _MASK32,
+        (counter & _MASK32).expand(numel), ((counter >> 32) & _MASK32).expand(numel),
+        seed & _MASK32, (seed >> 32) & _MASK32,
+    )
+    u1 = torch.clamp(_uniform(r0), min=1.0e-7)
+    theta = torch.tensor(6.283185307179586, dtype=torch.float32) * _uniform(r1)
     radius = torch.sqrt(-2.0 * torch.log(u1))
     return (radius * torch.cos(theta)).to(dtype)
 
@@ -100,7 +105,9 @@ def _coefficients(table: torch.Tensor, timestep, eta: float, ndim: int, dtype: t
     if not isinstance(timestep, torch.Tensor):
         row = table[int(timestep)].tolist()
         std, direction = noise_scales(row, eta)
-        return row[SQRT_ALPHA_T], row[SQRT_BETA_T], row[SQRT_ALPHA_PREV], direction, std
+        values = (row[SQRT_ALPHA_T], row[SQRT_BETA_T], row[SQRT_ALPHA_PREV], direction, std)
+        # Rounded to the math dtype, as the tensor path and the kernel use them.
+        return tuple(torch.tensor(values, dtype=dtype).tolist())
     t = timestep.reshape(-1).to(table.device)
     valid = (t >= 0) & (t < table.shape[0])
     rows = table[t.clamp(0, table.shape[0] - 1)]
@@ -115,17 +122,17 @@ def _coefficients(table: torch.Tensor, timestep, eta: float, ndim: int, dtype: t
 
 
 def _sub_scaled(a: torch.Tensor, b: torch.Tensor, scale) -> torch.Tensor:
-    """a - scale * b, in one pass when `scale` is a Python number."""
+    """a - scale * b in one fused pass; a Python-number scale and a tensor one round identically."""
     if isinstance(scale, float):
         return torch.sub(a, b, alpha=scale)
-    return a - scale * b
+    return torch.addcmul(a, b, -scale)
 
 
 def _add_scaled(a: torch.Tensor, b: torch.Tensor, scale) -> torch.Tensor:
-    """a + scale * b; `a` must be a fresh tensor (it may be updated in place)."""
+    """a + scale * b, in place on `a`, which must be a fresh tensor."""
     if isinstance(scale, float):
         return a.add_(b, alpha=scale)
-    return a.add_(scale * b)
+    return a.addcmul_(b, scale)
 
 
 def ddim_step(

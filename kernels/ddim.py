@@ -223,7 +223,10 @@ def is_dense(tensor: torch.Tensor) -> bool:
 
 
 def _padded(values, fill):
-    return (fill,) * (MAX_RANK - len(values)) + tuple(values)
+    """Sizes or strides of a rank <= MAX_RANK tensor as MAX_RANK values, padding after the batch dimension (so
+    the kernel's first index stays the batch index); a 0-d tensor counts as one sample."""
+    values = tuple(values) or (fill,)
+    return values[:1] + (fill,) * (MAX_RANK - len(values)) + values[1:]
 
 
 def _max_offset(tensor: torch.Tensor) -> int:
@@ -238,13 +241,11 @@ def guidance_std_ratio(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale:
     if cond.dim() > MAX_RANK:
         cond, uncond = cond.reshape(batch, per_sample), uncond.reshape(batch, per_sample)
     sums = torch.zeros(batch, 4, dtype=torch.float64, device=cond.device)
-    inner = _padded(cond.shape[1:], 1)
-    c_strides = _padded(cond.stride()[1:], 0)
-    u_strides = _padded(uncond.stride()[1:], 0)
+    sizes = _padded(cond.shape, 1)
     grid = (batch, triton.cdiv(per_sample, STATS_BLOCK_SIZE))
     _guidance_stats_kernel[grid](
         cond, uncond, sums, float(guidance_scale), per_sample,
-        cond.stride(0), *c_strides[1:], uncond.stride(0), *u_strides[1:], *inner[1:],
+        *_padded(cond.stride(), 0), *_padded(uncond.stride(), 0), *sizes[1:],
         BLOCK=STATS_BLOCK_SIZE,
     )
     mean = sums[:, 0::2] / per_sample
