@@ -82,6 +82,25 @@ def _check_choice(name: str, value, choices) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
+def _check_open_unit(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+
+
+def _check_trained_betas(trained_betas, num_train_timesteps: int) -> None:
+    try:
+        betas = np.asarray(trained_betas, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"trained_betas must be a sequence of numbers, got {type(trained_betas).__name__}") from None
+    if betas.ndim != 1 or betas.size != num_train_timesteps:
+        raise ValueError(f"trained_betas must be a 1-D sequence of num_train_timesteps={num_train_timesteps} values, "
+                         f"got shape {betas.shape}")
+    if not np.all((betas > 0) & (betas < 1)):
+        raise ValueError("trained_betas must all lie in (0, 1) (and be finite)")
+    if np.any(np.diff(betas) < 0):
+        raise ValueError("trained_betas must be non-decreasing (noise grows with the timestep)")
+
+
 def _check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -101,18 +120,25 @@ class _DDIMBase(SchedulerMixin):
         _check_positive_int("num_train_timesteps", num_train_timesteps)
         if trained_betas is None:
             _check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+            if beta_schedule != "squaredcos_cap_v2":
+                _check_open_unit("beta_start", beta_start)
+                _check_open_unit("beta_end", beta_end)
         else:
-            size = np.asarray(trained_betas).size
-            if np.asarray(trained_betas).ndim != 1 or size != num_train_timesteps:
-                raise ValueError(
-                    f"trained_betas must be a 1-D sequence of num_train_timesteps={num_train_timesteps} values, "
-                    f"got shape {np.asarray(trained_betas).shape}"
-                )
+            _check_trained_betas(trained_betas, num_train_timesteps)
         _check_choice("prediction_type", prediction_type, reference.PREDICTION_TYPES)
         _check_choice("timestep_spacing", timestep_spacing,
                       INVERSE_TIMESTEP_SPACINGS if self._inverse else TIMESTEP_SPACINGS)
-        if not (isinstance(clip_sample_range, numbers.Real) and clip_sample_range > 0):
-            raise ValueError(f"clip_sample_range must be a number > 0, got {clip_sample_range!r}")
+        if isinstance(clip_sample_range, bool) or not (
+            isinstance(clip_sample_range, numbers.Real) and math.isfinite(clip_sample_range) and clip_sample_range > 0
+        ):
+            raise ValueError(f"clip_sample_range must be a finite number > 0, got {clip_sample_range!r}")
+        for name in ("clip_sample", "set_alpha_to_one", "rescale_betas_zero_snr", "thresholding"):
+            value = self.config.get(name, False)
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {value!r}")
+        steps_offset = self.config.steps_offset
+        if isinstance(steps_offset, bool) or not isinstance(steps_offset, numbers.Integral) or steps_offset < 0:
+            raise ValueError(f"steps_offset must be an int >= 0, got {steps_offset!r}")
         self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                                 rescale_betas_zero_snr)
         self.alphas = 1.0 - self.betas
@@ -283,11 +309,14 @@ class DDIMScheduler(_DDIMBase):
     ):
         self._build_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                              prediction_type, timestep_spacing, clip_sample_range, rescale_betas_zero_snr)
-        if thresholding:
-            if not (isinstance(dynamic_thresholding_ratio, numbers.Real) and 0 < dynamic_thresholding_ratio <= 1):
-                raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio!r}")
-            if not (isinstance(sample_max_value, numbers.Real) and sample_max_value >= 1):
-                raise ValueError(f"sample_max_value must be a number >= 1, got {sample_max_value!r}")
+        if isinstance(dynamic_thresholding_ratio, bool) or not (
+            isinstance(dynamic_thresholding_ratio, numbers.Real) and 0 < dynamic_thresholding_ratio <= 1
+        ):
+            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio!r}")
+        if isinstance(sample_max_value, bool) or not (
+            isinstance(sample_max_value, numbers.Real) and 1 <= sample_max_value < math.inf
+        ):
+            raise ValueError(f"sample_max_value must be a finite number >= 1, got {sample_max_value!r}")
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
 
