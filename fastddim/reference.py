@@ -128,6 +128,13 @@ def _sub_scaled(a: torch.Tensor, b: torch.Tensor, scale) -> torch.Tensor:
     return torch.addcmul(a, b, -scale)
 
 
+def _sub_scaled_(a: torch.Tensor, b: torch.Tensor, scale) -> torch.Tensor:
+    """a - scale * b, in place on `a`, which must be a fresh tensor."""
+    if isinstance(scale, float):
+        return a.sub_(b, alpha=scale)
+    return a.addcmul_(b, -scale)
+
+
 def _add_scaled(a: torch.Tensor, b: torch.Tensor, scale) -> torch.Tensor:
     """a + scale * b, in place on `a`, which must be a fresh tensor."""
     if isinstance(scale, float):
@@ -179,7 +186,7 @@ def ddim_step(
         x0 = m  # may be an input (or its upcast copy): only out-of-place ops on it below
         eps = _sub_scaled(x, m, sqrt_alpha_t).div_(sqrt_beta_t)
     elif prediction_type == "v_prediction":
-        x0 = _sub_scaled(torch.mul(x, sqrt_alpha_t), m, sqrt_beta_t)
+        x0 = _sub_scaled_(torch.mul(x, sqrt_alpha_t), m, sqrt_beta_t)
         eps = _add_scaled(torch.mul(m, sqrt_alpha_t), x, sqrt_beta_t)
     else:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
@@ -187,7 +194,10 @@ def ddim_step(
     if thresholding:
         x0 = threshold(x0, dynamic_thresholding_ratio, sample_max_value)
     elif clip_sample:
-        x0 = torch.clamp(x0, -clip_sample_range, clip_sample_range)
+        if x0 is model_output:
+            x0 = torch.clamp(x0, -clip_sample_range, clip_sample_range)
+        else:
+            x0 = x0.clamp_(-clip_sample_range, clip_sample_range)
 
     if use_clipped_model_output:
         eps = _sub_scaled(x, x0, sqrt_alpha_t).div_(sqrt_beta_t)

@@ -430,8 +430,8 @@ class DDIMScheduler(_DDIMBase):
             noise (`torch.Tensor`): noise of the same shape.
             timesteps (`torch.Tensor` or `int`): one timestep, or one per sample.
         """
-        scale_sample, scale_noise = self._forward_scales(original_samples, timesteps, "original_samples")
-        return self._combine(scale_sample, original_samples, scale_noise, noise)
+        sqrt_alpha, sqrt_one_minus_alpha = self._forward_scales(original_samples, timesteps, "original_samples")
+        return self._combine(sqrt_alpha, original_samples, sqrt_one_minus_alpha, noise)
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """The v-prediction target: sqrt(alpha_t) * noise - sqrt(1 - alpha_t) * sample.
@@ -441,8 +441,8 @@ class DDIMScheduler(_DDIMBase):
             noise (`torch.Tensor`): noise of the same shape.
             timesteps (`torch.Tensor` or `int`): one timestep, or one per sample.
         """
-        scale_sample, scale_noise = self._forward_scales(sample, timesteps, "sample")
-        return self._combine(scale_noise, noise, -scale_sample, sample)
+        sqrt_alpha, sqrt_one_minus_alpha = self._forward_scales(sample, timesteps, "sample")
+        return self._combine(sqrt_alpha, noise, -sqrt_one_minus_alpha, sample)
 
     def _forward_scales(self, samples: torch.Tensor, timesteps, name: str):
         if not isinstance(samples, torch.Tensor) or samples.dtype not in ops.FLOAT_DTYPES:

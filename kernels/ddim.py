@@ -10,6 +10,8 @@ step can be captured in a CUDA graph and replayed for every timestep. Arguments 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -44,6 +46,16 @@ def _standard_normal(seed, counter, index):
     u2 = tl.random.uint_to_uniform_float(r1)
     normal, _ = tl.random.pair_uniform_to_normal(u1, u2)
     return normal
+
+
+@triton.jit
+def _divide(numerator, denominator, MATH_FP64: tl.constexpr):
+    """IEEE division (correctly rounded): div_rn in float32, where plain `/` may be approximate; float64 `/`
+    is already exact and div_rn does not take float64."""
+    if MATH_FP64:
+        return numerator / denominator
+    else:
+        return tl.math.div_rn(numerator, denominator)
 
 
 @triton.jit(do_not_specialize=["timestep", "eta", "clip_range", "guidance_scale", "guidance_rescale"])
@@ -144,11 +156,11 @@ def _ddim_step_kernel(
             m = guidance_rescale * rescaled + (1.0 - guidance_rescale) * m
 
     if PREDICTION == 0:
-        x0 = tl.math.div_rn(x - sqrt_beta_t * m, sqrt_alpha_t)
+        x0 = _divide(x - sqrt_beta_t * m, sqrt_alpha_t, MATH_FP64)
         eps = m
     elif PREDICTION == 1:
         x0 = m
-        eps = tl.math.div_rn(x - sqrt_alpha_t * m, sqrt_beta_t)
+        eps = _divide(x - sqrt_alpha_t * m, sqrt_beta_t, MATH_FP64)
     else:
         x0 = sqrt_alpha_t * x - sqrt_beta_t * m
         eps = sqrt_alpha_t * m + sqrt_beta_t * x
@@ -157,7 +169,7 @@ def _ddim_step_kernel(
         x0 = tl.clamp(x0, -clip_range, clip_range, propagate_nan=tl.PropagateNan.ALL)
 
     if USE_CLIPPED:
-        eps = tl.math.div_rn(x - sqrt_alpha_t * x0, sqrt_beta_t)
+        eps = _divide(x - sqrt_alpha_t * x0, sqrt_beta_t, MATH_FP64)
 
     prev = sqrt_alpha_prev * x0 + direction * eps
     if NOISE == 1:
@@ -233,11 +245,16 @@ def _max_offset(tensor: torch.Tensor) -> int:
     return sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
 
 
+def needs_int64(n_elements: int, tensors) -> bool:
+    """Whether element or memory offsets (plus a block of masked lanes) can pass the int32 range."""
+    return max([n_elements - 1] + [_max_offset(t) for t in tensors]) > INT32_LIMIT - BLOCK_SIZE
+
+
 def guidance_std_ratio(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """(std(cond), std(cfg)) per sample as a (batch, 2) float64 tensor, std over all but the batch dimension with
     Bessel's correction, as diffusers' `rescale_noise_cfg` takes it."""
     batch = cond.shape[0]
-    per_sample = cond[0].numel()
+    per_sample = math.prod(cond.shape[1:])
     if cond.dim() > MAX_RANK:
         cond, uncond = cond.reshape(batch, per_sample), uncond.reshape(batch, per_sample)
     sums = torch.zeros(batch, 4, dtype=torch.float64, device=cond.device)
@@ -265,7 +282,7 @@ def allocate_outputs(model_output, sample, uncond_output=None, variance_noise=No
         sample.dim() > 0
         and is_dense(sample)
         and all(t.stride() == sample.stride() for t in present)
-        and (batch == 1 or sample.stride(0) == sample[0].numel())
+        and (batch <= 1 or sample.stride(0) == math.prod(sample.shape[1:]))
         # The Philox stream is indexed by logical position, which equals the memory offset only when contiguous.
         and (not philox or sample.is_contiguous())
     )
@@ -349,7 +366,7 @@ def ddim_step(
         if guidance_rescale != 0:
             guidance_mode = GUIDANCE_RESCALED
             stats = guidance_std_ratio(model_output, uncond_output, guidance_scale)
-    int64 = max([n_elements - 1] + [_max_offset(t) for t in inputs]) > INT32_LIMIT - BLOCK_SIZE
+    int64 = needs_int64(n_elements, inputs)
     grid = (triton.cdiv(n_elements, BLOCK_SIZE),)
     _ddim_step_kernel[grid](
         model_output, uncond_output if uncond_output is not None else sample, sample,
