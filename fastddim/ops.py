@@ -192,6 +192,11 @@ def ddim_step(
         backend = select_backend(sample.device)
     elif backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    elif backend == "triton" and sample.device.type != "cuda" and not triton_interpreting():
+        raise ValueError(
+            f"backend='triton' needs CUDA tensors (got {sample.device.type}); set TRITON_INTERPRET=1 before importing "
+            "fastddim to run the Triton kernels on CPU tensors"
+        )
 
     if backend == "torch" or thresholding:
         return reference.ddim_step(

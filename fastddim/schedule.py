@@ -158,13 +158,15 @@ def noise_scales(row, eta: float) -> tuple[float, float]:
     """(std_dev_t, direction coefficient) of a step with noise weight `eta`, from a table row (host floats).
 
     std = eta * sqrt(variance) and direction = sqrt(1 - alpha_prev - std^2), as in diffusers. For eta <= 1 the
-    radicand is non-negative in exact arithmetic, so a negative one is float64 rounding and is taken as 0; the
-    scheduler rejects an eta above 1 that makes it truly negative (diffusers returns NaN everywhere there).
+    radicand is non-negative in exact arithmetic, so a negative one is rounding and is taken as 0 (diffusers'
+    float32 turns it into NaN, e.g. at zero terminal SNR with eta = 1); above 1 a negative radicand is real and
+    gives NaN, as in diffusers (the scheduler raises a ValueError for it first).
     NaN coefficients of a degenerate schedule propagate. The Triton kernel derives the same two numbers from
     the same row in float64 (kernels/ddim.py); keep the two in step.
     """
     std = eta * _sqrt(row[VARIANCE])
-    return std, _sqrt(max(row[BETA_PREV] - std * std, 0.0))
+    radicand = row[BETA_PREV] - std * std
+    return std, _sqrt(max(radicand, 0.0) if eta <= 1 else radicand)
 
 
 def _sqrt(value: float) -> float:

@@ -95,8 +95,9 @@ def _check_trained_betas(trained_betas, num_train_timesteps: int) -> None:
     if betas.ndim != 1 or betas.size != num_train_timesteps:
         raise ValueError(f"trained_betas must be a 1-D sequence of num_train_timesteps={num_train_timesteps} values, "
                          f"got shape {betas.shape}")
-    if not np.all((betas > 0) & (betas < 1)):
-        raise ValueError("trained_betas must all lie in (0, 1) (and be finite)")
+    # A zero-terminal-SNR schedule ends in a beta of exactly 1 (alpha_cumprod 0), which v-prediction steps through.
+    if not np.all((betas > 0) & (betas <= 1)):
+        raise ValueError("trained_betas must all lie in (0, 1] (and be finite)")
     if np.any(np.diff(betas) < 0):
         raise ValueError("trained_betas must be non-decreasing (noise grows with the timestep)")
 

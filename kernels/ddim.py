@@ -11,6 +11,7 @@ step can be captured in a CUDA graph and replayed for every timestep. Arguments 
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 import triton
@@ -49,6 +50,13 @@ def _standard_normal(seed, counter, index):
 
 
 @triton.jit
+def _float64(bits):
+    """A float64 scalar passed as its int64 bit pattern: Triton hands Python floats to kernels as float32 (and
+    its interpreter ignores float64 annotations), which would round eta or a clip range for float64 outputs."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
 def _divide(numerator, denominator, MATH_FP64: tl.constexpr):
     """IEEE division (correctly rounded): div_rn in float32, where plain `/` may be approximate; float64 `/`
     is already exact and div_rn does not take float64."""
@@ -58,11 +66,13 @@ def _divide(numerator, denominator, MATH_FP64: tl.constexpr):
         return tl.math.div_rn(numerator, denominator)
 
 
-@triton.jit(do_not_specialize=["timestep", "eta", "clip_range", "guidance_scale", "guidance_rescale"])
+@triton.jit(do_not_specialize=["timestep", "eta_bits", "clip_range_bits", "guidance_scale_bits",
+                               "guidance_rescale_bits"])
 def _ddim_step_kernel(
     model_output_ptr, uncond_ptr, sample_ptr, noise_ptr, prev_ptr, x0_ptr,
     table_ptr, timestep_ptr, rng_ptr, stats_ptr,
-    timestep, num_train_timesteps, eta, clip_range, guidance_scale, guidance_rescale,
+    timestep, num_train_timesteps,
+    eta_bits, clip_range_bits, guidance_scale_bits, guidance_rescale_bits,
     n_elements, batch_stride,
     size_1, size_2, size_3, size_4,
     m_stride_0, m_stride_1, m_stride_2, m_stride_3, m_stride_4,
@@ -80,6 +90,7 @@ def _ddim_step_kernel(
     MATH_FP64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    eta = _float64(eta_bits)
     pid = tl.program_id(0)
     if INT64:
         offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -128,10 +139,10 @@ def _ddim_step_kernel(
     sqrt_alpha_prev64 = tl.where(valid, tl.load(row + 2), nan)
     beta_prev64 = tl.load(row + 3)
     variance64 = tl.load(row + 4)
-    std64 = tl.sqrt(variance64) * eta  # eta arrives as float32; the product is float64
+    std64 = tl.sqrt(variance64) * eta
     radicand = beta_prev64 - std64 * std64
     # Below zero is rounding when eta <= 1; with eta > 1 it is a true NaN, as in diffusers.
-    direction64 = tl.sqrt(tl.where((radicand < 0.0) & (eta <= 1.0), 0.0, radicand))
+    direction64 = tl.sqrt(tl.where(radicand < 0.0, tl.where(eta <= 1.0, 0.0, radicand), radicand))
 
     if MATH_FP64:
         math_dtype = tl.float64
@@ -147,13 +158,14 @@ def _ddim_step_kernel(
     if GUIDANCE != 0:
         # model_output holds the conditional prediction, uncond the unconditional one.
         u = tl.load(uncond_ptr + u_offsets, mask=mask).to(math_dtype)
-        m = u + guidance_scale * (m - u)
+        m = u + _float64(guidance_scale_bits).to(math_dtype) * (m - u)
         if GUIDANCE == 2:
             stats = stats_ptr + batch * 2
             std_cond = tl.load(stats, mask=mask, other=1.0)
             std_cfg = tl.load(stats + 1, mask=mask, other=1.0)
             rescaled = m * (std_cond / std_cfg).to(math_dtype)
-            m = guidance_rescale * rescaled + (1.0 - guidance_rescale) * m
+            rescale = _float64(guidance_rescale_bits).to(math_dtype)
+            m = rescale * rescaled + (1.0 - rescale) * m
 
     if PREDICTION == 0:
         x0 = _divide(x - sqrt_beta_t * m, sqrt_alpha_t, MATH_FP64)
@@ -166,7 +178,8 @@ def _ddim_step_kernel(
         eps = sqrt_alpha_t * m + sqrt_beta_t * x
 
     if CLIP:
-        x0 = tl.clamp(x0, -clip_range, clip_range, propagate_nan=tl.PropagateNan.ALL)
+        limit = _float64(clip_range_bits).to(math_dtype)
+        x0 = tl.clamp(x0, -limit, limit, propagate_nan=tl.PropagateNan.ALL)
 
     if USE_CLIPPED:
         eps = _divide(x - sqrt_alpha_t * x0, sqrt_beta_t, MATH_FP64)
@@ -187,7 +200,7 @@ def _ddim_step_kernel(
 
 @triton.jit
 def _guidance_stats_kernel(
-    cond_ptr, uncond_ptr, sums_ptr, guidance_scale, per_sample,
+    cond_ptr, uncond_ptr, sums_ptr, guidance_scale_bits, per_sample,
     c_stride_0, c_stride_1, c_stride_2, c_stride_3, c_stride_4,
     u_stride_0, u_stride_1, u_stride_2, u_stride_3, u_stride_4,
     size_1, size_2, size_3, size_4,
@@ -209,7 +222,7 @@ def _guidance_stats_kernel(
     u_offsets = batch * u_stride_0 + i1 * u_stride_1 + i2 * u_stride_2 + i3 * u_stride_3 + i4 * u_stride_4
     c = tl.load(cond_ptr + c_offsets, mask=mask, other=0.0).to(tl.float64)
     u = tl.load(uncond_ptr + u_offsets, mask=mask, other=0.0).to(tl.float64)
-    cfg = u + guidance_scale * (c - u)
+    cfg = u + _float64(guidance_scale_bits) * (c - u)
     out = sums_ptr + batch * 4
     tl.atomic_add(out + 0, tl.sum(c, axis=0))
     tl.atomic_add(out + 1, tl.sum(c * c, axis=0))
@@ -241,6 +254,11 @@ def _padded(values, fill):
     return values[:1] + (fill,) * (MAX_RANK - len(values)) + values[1:]
 
 
+def float64_bits(value: float) -> int:
+    """The int64 bit pattern of a float64 (what the kernels' float64 scalar arguments take)."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
 def _max_offset(tensor: torch.Tensor) -> int:
     return sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
 
@@ -261,7 +279,7 @@ def guidance_std_ratio(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale:
     sizes = _padded(cond.shape, 1)
     grid = (batch, triton.cdiv(per_sample, STATS_BLOCK_SIZE))
     _guidance_stats_kernel[grid](
-        cond, uncond, sums, float(guidance_scale), per_sample,
+        cond, uncond, sums, float64_bits(guidance_scale), per_sample,
         *_padded(cond.stride(), 0), *_padded(uncond.stride(), 0), *sizes[1:],
         BLOCK=STATS_BLOCK_SIZE,
     )
@@ -347,7 +365,7 @@ def ddim_step(
     def strides_of(tensor):
         return _padded(tensor.stride(), 0) if tensor is not None and not shared_dense else (0,) * MAX_RANK
 
-    sizes = _padded(sample.shape, 1)
+    sizes = _padded(sample.shape, 1) if not shared_dense else (1,) * MAX_RANK
     if isinstance(timestep, torch.Tensor):
         timestep_mode = TIMESTEP_PER_SAMPLE if timestep.numel() > 1 else TIMESTEP_TENSOR
         timestep_arg, timestep_ptr = 0, timestep
@@ -372,8 +390,8 @@ def ddim_step(
         model_output, uncond_output if uncond_output is not None else sample, sample,
         variance_noise if variance_noise is not None else sample, prev, x0,
         table, timestep_ptr, philox_state if philox_state is not None else table, stats,
-        timestep_arg, table.shape[0], float(eta), float(clip_sample_range), float(guidance_scale),
-        float(guidance_rescale),
+        timestep_arg, table.shape[0], float64_bits(eta), float64_bits(clip_sample_range),
+        float64_bits(guidance_scale), float64_bits(guidance_rescale),
         n_elements, sample.stride(0) if shared_dense and batch > 1 else n_elements,
         *sizes[1:], *strides_of(model_output), *strides_of(uncond_output), *strides_of(sample),
         *strides_of(variance_noise),
