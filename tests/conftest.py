@@ -35,7 +35,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Error bounds against the float64 truth, per output dtype, stated once. fastddim computes in float32 and rounds
 # once, so a half-precision result is within about one unit in the last place (ulp) of the output dtype: 2**-10
 # relative for float16 (10 mantissa bits), 2**-7 for bfloat16. float32 results carry a few float32 roundings
-# (about 2**-23 each) of intermediates that can be up to 1 / sqrt(alpha_t) larger than the result, hence 2**-18.
+# (about 2**-24 each) of intermediates, hence 2**-18 relative to the result. That bound is relative to the
+# result, so it cannot hold where the step divides a cancelling difference by a small sqrt(alpha_t) (epsilon
+# prediction at the noisiest timesteps, ~1/0.0064 at t = 999): no float32 code can meet it there, diffusers
+# included. Tests that reach those steps add a stated term proportional to the largest intermediate (see
+# `float32_slack` in test_scheduler.py and the divisor-scaled bounds in test_kernels.py / test_reliability.py).
 # float64 results use float64 coefficients: 1e-12. `atol` covers results near zero at each dtype's scale.
 TOLERANCES = {
     torch.float16: dict(rtol=2**-10, atol=2**-14),
