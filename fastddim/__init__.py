@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from fastddim.config import FrozenDict, SchedulerMixin, register_with_diffusers
+from fastddim.config import FrozenDict, SchedulerMixin, install_import_hook, register_with_diffusers
 from fastddim.noise import PhiloxGenerator
 from fastddim.scheduler import DDIMInverseScheduler, DDIMScheduler, DDIMSchedulerOutput
 
@@ -16,4 +16,4 @@ __all__ = [
     "__version__",
 ]
 
-register_with_diffusers()
+install_import_hook()

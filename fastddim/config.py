@@ -8,6 +8,8 @@ diffusers pipelines can hold, save and load fastddim schedulers (see `register_w
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.abc
 import inspect
 import json
 import os
@@ -31,7 +33,7 @@ class FrozenDict(OrderedDict):
         self.__frozen = True
 
     def __delitem__(self, *args, **kwargs):
-        raise TypeError(f"a scheduler config is read-only; use from_config(config, **overrides) instead")
+        raise TypeError("a scheduler config is read-only; use from_config(config, **overrides) instead")
 
     def setdefault(self, *args, **kwargs):
         raise TypeError("a scheduler config is read-only; use from_config(config, **overrides) instead")
@@ -41,6 +43,15 @@ class FrozenDict(OrderedDict):
 
     def update(self, *args, **kwargs):
         raise TypeError("a scheduler config is read-only; use from_config(config, **overrides) instead")
+
+    def clear(self):
+        raise TypeError("a scheduler config is read-only; use from_config(config, **overrides) instead")
+
+    def popitem(self, *args, **kwargs):
+        raise TypeError("a scheduler config is read-only; use from_config(config, **overrides) instead")
+
+    def __delattr__(self, name):
+        raise TypeError(f"a scheduler config is read-only (tried to delete {name!r})")
 
     def __setattr__(self, name, value):
         if getattr(self, "_FrozenDict__frozen", False):
@@ -274,6 +285,44 @@ def _json_value(value: Any):
 
 
 _registered_with_diffusers = False
+_LOADING_MODULE = "diffusers.pipelines.pipeline_loading_utils"
+
+
+class _RegisterWhenDiffusersLoads(importlib.abc.MetaPathFinder):
+    """Runs `register_with_diffusers` right after diffusers' pipeline loader module is imported, for processes
+    that import fastddim (and build schedulers) before diffusers. Finds nothing itself: it wraps the real
+    loader of that one module, then removes itself."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != _LOADING_MODULE:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                real_exec = spec.loader.exec_module
+
+                def exec_module(module, real_exec=real_exec):
+                    real_exec(module)
+                    _remove_import_hook()
+                    register_with_diffusers()
+
+                spec.loader.exec_module = exec_module
+                return spec
+        return None
+
+
+def _remove_import_hook() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _RegisterWhenDiffusersLoads)]
+
+
+def install_import_hook() -> None:
+    """Register with diffusers now if its pipeline loader is loaded, else as soon as it is."""
+    if _LOADING_MODULE in sys.modules:
+        register_with_diffusers()
+    elif not any(isinstance(f, _RegisterWhenDiffusersLoads) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterWhenDiffusersLoads())
 
 
 def register_with_diffusers() -> None:
@@ -283,16 +332,18 @@ def register_with_diffusers() -> None:
     its `LOADABLE_CLASSES`; listing fastddim's `SchedulerMixin` there, the way diffusers lists transformers' and
     onnxruntime's base classes, makes `pipe.save_pretrained` write the scheduler and record it in
     `model_index.json` as `["fastddim", "DDIMScheduler"]`. Runs when fastddim is imported and whenever a
-    scheduler is built, so it takes effect whichever of the two libraries is imported first.
+    scheduler is built (and `install_import_hook` runs it when diffusers' pipeline loader is imported later), so
+    it takes effect whichever of the two libraries is imported first.
     """
     global _registered_with_diffusers
-    if _registered_with_diffusers or "diffusers" not in sys.modules:
+    if _registered_with_diffusers or _LOADING_MODULE not in sys.modules and "diffusers" not in sys.modules:
         return
     try:
-        from diffusers.pipelines import pipeline_loading_utils as loading
+        loading = sys.modules.get(_LOADING_MODULE) or importlib.import_module(_LOADING_MODULE)
+        loadable, importable = loading.LOADABLE_CLASSES, loading.ALL_IMPORTABLE_CLASSES
     except Exception:  # a partially imported or unusual diffusers: leave it alone
         return
     entry = {"SchedulerMixin": ["save_pretrained", "from_pretrained"]}
-    loading.LOADABLE_CLASSES.setdefault("fastddim", entry)
-    loading.ALL_IMPORTABLE_CLASSES.update(entry)
+    loadable.setdefault("fastddim", entry)
+    importable.update(entry)
     _registered_with_diffusers = True

@@ -523,7 +523,9 @@ class DDIMInverseScheduler(_DDIMBase):
         if kwargs.get("set_alpha_to_zero") is not None:
             warnings.warn("set_alpha_to_zero is deprecated; use set_alpha_to_one", FutureWarning, stacklevel=3)
             set_alpha_to_one = kwargs["set_alpha_to_zero"]
-            self.register_to_config(set_alpha_to_one=set_alpha_to_one)
+            # Recorded as chosen, not defaulted, so from_config of this config keeps it.
+            defaulted = [k for k in self.config.get("_use_default_values", ()) if k != "set_alpha_to_one"]
+            self.register_to_config(set_alpha_to_one=set_alpha_to_one, _use_default_values=defaulted)
         self._build_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                              prediction_type, timestep_spacing, clip_sample_range, rescale_betas_zero_snr)
         self.initial_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
