@@ -18,17 +18,33 @@ from fastddim.noise import PhiloxGenerator
 from fastddim.scheduler import DDIMSchedulerOutput
 
 
-def _warm_up(fn: Callable[[], object], generator: PhiloxGenerator | None, iterations: int) -> None:
-    """Run `fn` on a side stream (compiles kernels, fills caches, as capture requires) without using up noise."""
+def _capture(fn: Callable[[], object], scheduler, device: torch.device, generator: PhiloxGenerator | None,
+             warmup: int):
+    """(graph, static output) of `fn` captured on `device`, or (None, None) off CUDA (callers then run `fn`).
+
+    Warm-up runs go first, on a side stream as capture requires: they compile the kernels and copy the step
+    table to the device, which capture forbids. They use no noise: the generator's state is restored."""
+    if device.type != "cuda":
+        return None, None
+    scheduler._table_on(device)
     saved = generator.state.clone() if generator is not None else None
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(iterations):
+        for _ in range(warmup):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     if generator is not None:
         generator.state.copy_(saved)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn()
+    return graph, output
+
+
+def _check_generator(eta: float, generator) -> None:
+    if eta > 0 and not isinstance(generator, PhiloxGenerator):
+        raise ValueError("a captured step with eta > 0 needs generator=fastddim.PhiloxGenerator(seed, device)")
 
 
 class GraphedStep:
@@ -48,8 +64,7 @@ class GraphedStep:
 
     def __init__(self, scheduler, sample: torch.Tensor, eta: float = 0.0, generator: PhiloxGenerator | None = None,
                  use_clipped_model_output: bool = False, warmup: int = 2):
-        if eta > 0 and not isinstance(generator, PhiloxGenerator):
-            raise ValueError("a graphed step with eta > 0 needs generator=fastddim.PhiloxGenerator(seed, device)")
+        _check_generator(eta, generator)
         self.scheduler = scheduler
         self.eta = eta
         self.generator = generator
@@ -57,13 +72,7 @@ class GraphedStep:
         self.static_model_output = torch.zeros_like(sample)
         self.static_sample = torch.zeros_like(sample)
         self.static_timestep = torch.zeros((), dtype=torch.int64, device=sample.device)
-        self.graph = None
-        if sample.device.type == "cuda":
-            scheduler._table_on(sample.device)  # the table copy happens before capture, not inside it
-            _warm_up(self._step, generator, warmup)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.output = self._step()
+        self.graph, self.output = _capture(self._step, scheduler, sample.device, generator, warmup)
 
     def _step(self) -> DDIMSchedulerOutput:
         return self.scheduler.step(self.static_model_output, self.static_timestep, self.static_sample, eta=self.eta,
@@ -100,8 +109,7 @@ class GraphedLoop:
 
     def __init__(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler,
                  sample: torch.Tensor, eta: float = 0.0, generator: PhiloxGenerator | None = None, warmup: int = 1):
-        if eta > 0 and not isinstance(generator, PhiloxGenerator):
-            raise ValueError("a graphed loop with eta > 0 needs generator=fastddim.PhiloxGenerator(seed, device)")
+        _check_generator(eta, generator)
         if scheduler.num_inference_steps is None:
             raise ValueError("call scheduler.set_timesteps(...) before capturing a loop")
         self.model = model
@@ -110,13 +118,7 @@ class GraphedLoop:
         self.generator = generator
         self.static_sample = torch.zeros_like(sample)
         self.timesteps = scheduler.timesteps.to(sample.device)
-        self.graph = None
-        if sample.device.type == "cuda":
-            scheduler._table_on(sample.device)
-            _warm_up(self._loop, generator, warmup)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.output = self._loop()
+        self.graph, self.output = _capture(self._loop, scheduler, sample.device, generator, warmup)
 
     def _loop(self) -> torch.Tensor:
         sample = self.static_sample
