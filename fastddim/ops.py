@@ -23,31 +23,20 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
-_triton_importable: bool | None = None  # found out on first use: importing triton takes a while
+try:  # imported once, here: lazy state would make torch.compile guard on it and recompile
+    from fastddim import kernels as _kernels
+except ImportError:  # no triton (e.g. macOS, Windows): the torch path serves every device
+    _kernels = None
 
 
 def triton_available() -> bool:
-    global _triton_importable
-    if _triton_importable is None:
-        try:
-            import triton  # noqa: F401
-
-            from fastddim import kernels  # noqa: F401
-        except Exception:
-            _triton_importable = False
-        else:
-            _triton_importable = True
-    return _triton_importable
+    return _kernels is not None
 
 
 def triton_interpreting() -> bool:
     """True if the kernels run in Triton's interpreter, which Triton decides when they are imported: set
     TRITON_INTERPRET=1 before importing fastddim to run them on CPU tensors."""
-    if not triton_available():
-        return False
-    from fastddim import kernels
-
-    return kernels.INTERPRETED
+    return _kernels is not None and _kernels.INTERPRETED
 
 
 def select_backend(device: torch.device) -> str:
@@ -223,9 +212,7 @@ def ddim_step(
 def _triton_step(model_output, sample, table, timestep_tensor, timestep_value, eta, prediction_type, clip_sample,
                  clip_sample_range, use_clipped_model_output, variance_noise, philox_state, uncond_output,
                  guidance_scale, guidance_rescale):
-    from fastddim import kernels
-
-    return kernels.ddim_step(
+    return _kernels.ddim_step(
         model_output, sample, table, timestep_tensor if timestep_tensor is not None else timestep_value, eta=eta,
         prediction_type=prediction_type, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
         use_clipped_model_output=use_clipped_model_output, variance_noise=variance_noise, philox_state=philox_state,
