@@ -132,8 +132,11 @@ def ddim_step(
     guidance_scale: float = 1.0,
     guidance_rescale: float = 0.0,
     backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step, checked and dispatched; returns `(prev_sample, pred_original_sample)`.
+    write_prev_sample: bool = True,
+    write_pred_original_sample: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One DDIM step, checked and dispatched; returns `(prev_sample, pred_original_sample)`, None for an output
+    not asked for.
 
     Args:
         model_output (`torch.Tensor`): the denoiser's output (noise, x0 or v, per `prediction_type`); with
@@ -194,29 +197,34 @@ def ddim_step(
             dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
             use_clipped_model_output=use_clipped_model_output, variance_noise=variance_noise,
             philox_state=philox_state, uncond_output=uncond_output, guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale,
+            guidance_rescale=guidance_rescale, write_prev_sample=write_prev_sample,
+            write_pred_original_sample=write_pred_original_sample,
         )
     if table.device != sample.device:
         raise ValueError(f"table must be on the device of sample ({sample.device}) for the triton backend")
     if isinstance(timestep, torch.Tensor) and timestep.device != sample.device:
         timestep = timestep.to(sample.device)
-    step = _triton_step_op if torch.compiler.is_compiling() else _triton_step
-    return step(
-        model_output, sample, table, timestep if isinstance(timestep, torch.Tensor) else None,
-        timestep if not isinstance(timestep, torch.Tensor) else 0, eta, prediction_type, bool(clip_sample),
-        float(clip_sample_range), bool(use_clipped_model_output), variance_noise, philox_state, uncond_output,
-        float(guidance_scale), float(guidance_rescale),
-    )
+    args = (model_output, sample, table, timestep if isinstance(timestep, torch.Tensor) else None,
+            timestep if not isinstance(timestep, torch.Tensor) else 0, eta, prediction_type, bool(clip_sample),
+            float(clip_sample_range), bool(use_clipped_model_output), variance_noise, philox_state, uncond_output,
+            float(guidance_scale), float(guidance_rescale))
+    if torch.compiler.is_compiling():
+        # The custom op always returns both outputs (its schema has two tensors); drop the one not asked for.
+        prev, x0 = _triton_step_op(*args)
+        return (prev if write_prev_sample else None), (x0 if write_pred_original_sample else None)
+    return _triton_step(*args, write_prev_sample=write_prev_sample,
+                        write_pred_original_sample=write_pred_original_sample)
 
 
 def _triton_step(model_output, sample, table, timestep_tensor, timestep_value, eta, prediction_type, clip_sample,
                  clip_sample_range, use_clipped_model_output, variance_noise, philox_state, uncond_output,
-                 guidance_scale, guidance_rescale):
+                 guidance_scale, guidance_rescale, write_prev_sample=True, write_pred_original_sample=True):
     return _kernels.ddim_step(
         model_output, sample, table, timestep_tensor if timestep_tensor is not None else timestep_value, eta=eta,
         prediction_type=prediction_type, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
         use_clipped_model_output=use_clipped_model_output, variance_noise=variance_noise, philox_state=philox_state,
         uncond_output=uncond_output, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+        write_prev_sample=write_prev_sample, write_pred_original_sample=write_pred_original_sample,
     )
 
 

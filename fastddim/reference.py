@@ -160,8 +160,11 @@ def ddim_step(
     uncond_output: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     guidance_rescale: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One DDIM step; returns `(prev_sample, pred_original_sample)` in the promoted dtype of the inputs.
+    write_prev_sample: bool = True,
+    write_pred_original_sample: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One DDIM step; returns `(prev_sample, pred_original_sample)` in the promoted dtype of the inputs (None for
+    an output not asked for).
 
     Arguments as `fastddim.kernels.ddim_step` (plus thresholding); `table` is `fastddim.schedule.step_table`,
     on the CPU for an int timestep, on the timestep's device otherwise. Arguments are trusted:
@@ -199,6 +202,9 @@ def ddim_step(
         else:
             x0 = x0.clamp_(-clip_sample_range, clip_sample_range)
 
+    if not write_prev_sample:
+        return None, (x0.clone() if x0 is model_output else x0).to(out_dtype)
+
     if use_clipped_model_output:
         eps = _sub_scaled(x, x0, sqrt_alpha_t).div_(sqrt_beta_t)
 
@@ -209,6 +215,8 @@ def ddim_step(
         noise = philox_normal(philox_state, sample.numel(), math_dtype).view(sample.shape)
         prev = _add_scaled(prev, noise, std)
 
+    if not write_pred_original_sample:
+        return prev.to(out_dtype), None
     if x0 is model_output:
         x0 = x0.clone()
     return prev.to(out_dtype), x0.to(out_dtype)

@@ -57,7 +57,8 @@ def step_variants(stride: int = 7):
         }
         constexprs = dict(PREDICTION=prediction, CLIP=clip, USE_CLIPPED=bool(i % 2), TIMESTEP_MODE=timestep_mode,
                           NOISE=noise, GUIDANCE=guidance, STRIDED=strided, INT64=bool(i % 3 == 0),
-                          MATH_FP64=dtype == "fp64", BLOCK=ddim.BLOCK_SIZE)
+                          MATH_FP64=dtype == "fp64", WRITE_PREV=i % 5 != 1, WRITE_X0=i % 4 != 2,
+                          BLOCK=ddim.BLOCK_SIZE)
         yield types, constexprs
 
 

@@ -88,6 +88,8 @@ def _ddim_step_kernel(
     STRIDED: tl.constexpr,  # False: all tensors share one dense layout, index memory directly
     INT64: tl.constexpr,  # offsets can pass 2**31 - 1
     MATH_FP64: tl.constexpr,
+    WRITE_PREV: tl.constexpr,
+    WRITE_X0: tl.constexpr,  # False when the caller computes pred_original_sample only if it is read
     BLOCK: tl.constexpr,
 ):
     eta = _float64(eta_bits)
@@ -194,8 +196,10 @@ def _ddim_step_kernel(
         noise = _standard_normal(seed, counter, logical).to(math_dtype)
         prev = prev + std64.to(math_dtype) * noise
 
-    tl.store(prev_ptr + offsets, prev.to(prev_ptr.dtype.element_ty), mask=mask)
-    tl.store(x0_ptr + offsets, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+    if WRITE_PREV:
+        tl.store(prev_ptr + offsets, prev.to(prev_ptr.dtype.element_ty), mask=mask)
+    if WRITE_X0:
+        tl.store(x0_ptr + offsets, x0.to(x0_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -288,10 +292,11 @@ def guidance_std_ratio(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale:
     return variance.clamp(min=0).sqrt()
 
 
-def allocate_outputs(model_output, sample, uncond_output=None, variance_noise=None, philox=False):
-    """The step's two outputs, whether the kernel may index all tensors by one flat memory offset, and the
-    inputs (made contiguous when their rank exceeds what the strided indexing handles). Shared with the
-    torch.compile fake implementation, so traced and real outputs have the same strides."""
+def allocate_outputs(model_output, sample, uncond_output=None, variance_noise=None, philox=False, write_prev=True,
+                     write_x0=True):
+    """The step's two outputs (None for one not written), whether the kernel may index all tensors by one flat
+    memory offset, and the inputs (made contiguous when their rank exceeds what the strided indexing handles).
+    Shared with the torch.compile fake implementation, so traced and real outputs have the same strides."""
     out_dtype = torch.promote_types(model_output.dtype, sample.dtype)
     inputs = [model_output, sample, uncond_output, variance_noise]
     present = [t for t in inputs if t is not None]
@@ -308,11 +313,12 @@ def allocate_outputs(model_output, sample, uncond_output=None, variance_noise=No
         inputs = [t.contiguous() if t is not None else None for t in inputs]
         sample = inputs[1]
         shared_dense = True
-    if shared_dense:
-        prev = torch.empty_like(sample, dtype=out_dtype)
-    else:
-        prev = torch.empty(sample.shape, dtype=out_dtype, device=sample.device)
-    return (prev, torch.empty_like(prev)), shared_dense, inputs
+    def allocate():
+        if shared_dense:
+            return torch.empty_like(sample, dtype=out_dtype)
+        return torch.empty(sample.shape, dtype=out_dtype, device=sample.device)
+
+    return (allocate() if write_prev else None, allocate() if write_x0 else None), shared_dense, inputs
 
 
 def ddim_step(
@@ -330,7 +336,9 @@ def ddim_step(
     uncond_output: torch.Tensor | None = None,
     guidance_scale: float = 1.0,
     guidance_rescale: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    write_prev_sample: bool = True,
+    write_pred_original_sample: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Fused DDIM step on the Triton kernel; returns `(prev_sample, pred_original_sample)`.
 
     Args:
@@ -350,12 +358,15 @@ def ddim_step(
         uncond_output, guidance_scale, guidance_rescale: classifier-free guidance fused into the step: the
             model output used is uncond + scale * (model_output - uncond), rescaled as diffusers'
             `rescale_noise_cfg` when guidance_rescale > 0.
+        write_prev_sample, write_pred_original_sample: which outputs to write (an output not written is None):
+            skipping pred_original_sample saves a quarter of the step's memory traffic.
     """
     table, timestep = as_table(table, timestep)
     (prev, x0), shared_dense, inputs = allocate_outputs(model_output, sample, uncond_output, variance_noise,
-                                                        philox_state is not None)
+                                                        philox_state is not None, write_prev_sample,
+                                                        write_pred_original_sample)
     model_output, sample, uncond_output, variance_noise = inputs
-    out_dtype = prev.dtype
+    out_dtype = torch.promote_types(model_output.dtype, sample.dtype)
     batch = sample.shape[0] if sample.dim() else 1
     inputs = [t for t in inputs if t is not None]
     n_elements = sample.numel()
@@ -388,7 +399,8 @@ def ddim_step(
     grid = (triton.cdiv(n_elements, BLOCK_SIZE),)
     _ddim_step_kernel[grid](
         model_output, uncond_output if uncond_output is not None else sample, sample,
-        variance_noise if variance_noise is not None else sample, prev, x0,
+        variance_noise if variance_noise is not None else sample, prev if prev is not None else x0,
+        x0 if x0 is not None else prev,
         table, timestep_ptr, philox_state if philox_state is not None else table, stats,
         timestep_arg, table.shape[0], float64_bits(eta), float64_bits(clip_sample_range),
         float64_bits(guidance_scale), float64_bits(guidance_rescale),
@@ -404,6 +416,8 @@ def ddim_step(
         STRIDED=not shared_dense,
         INT64=int64,
         MATH_FP64=out_dtype == torch.float64,
+        WRITE_PREV=prev is not None,
+        WRITE_X0=x0 is not None,
         BLOCK=BLOCK_SIZE,
     )
     return prev, x0

@@ -371,3 +371,41 @@ def test_captured_step_is_one_graph_replayed_for_all_timesteps():
         assert_same_nonfinite(graphed(model_output, t, eager).prev_sample, expected)
         torch.testing.assert_close(graphed.output.prev_sample, expected, rtol=0, atol=0)
         eager = expected
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pred_original_sample computed on first read (Triton backend)
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_lazy_pred_original_sample_equals_the_eager_one(prediction_type):
+    scheduler = make_scheduler(prediction_type=prediction_type)
+    model_output, sample, noise = randn(*SHAPE, seed=30), randn(*SHAPE, seed=31), randn(*SHAPE, seed=32)
+    lazy = scheduler.step(model_output, 501, sample, eta=0.5, variance_noise=noise)
+    scheduler.lazy_pred_original_sample = False
+    eager = scheduler.step(model_output, 501, sample, eta=0.5, variance_noise=noise)
+    torch.testing.assert_close(lazy.prev_sample, eager.prev_sample, rtol=0, atol=0)
+    torch.testing.assert_close(lazy.pred_original_sample, eager.pred_original_sample, rtol=0, atol=0)
+    assert lazy.pred_original_sample is lazy.pred_original_sample  # computed once
+    prev, x0 = lazy
+    assert x0 is lazy.pred_original_sample and lazy["prev_sample"] is prev and len(lazy) == 2
+
+
+def test_lazy_pred_original_sample_refuses_inputs_modified_in_place(backend):
+    scheduler = make_scheduler()
+    model_output, sample = randn(*SHAPE, seed=33), randn(*SHAPE, seed=34)
+    out = scheduler.step(model_output, 501, sample)
+    model_output.mul_(2)
+    if backend == "triton":
+        with pytest.raises(RuntimeError, match="model_output was modified in place"):
+            out.pred_original_sample
+    else:  # the torch path computes x0 with the step: nothing to recompute
+        assert torch.isfinite(out.pred_original_sample).all()
+
+
+def test_guided_lazy_pred_original_sample_uses_the_guidance():
+    scheduler = make_scheduler()
+    uncond, cond, sample = randn(*SHAPE, seed=35), randn(*SHAPE, seed=36), randn(*SHAPE, seed=37)
+    lazy = scheduler.guided_step(uncond, cond, 301, sample, 4.0, 0.5)
+    scheduler.lazy_pred_original_sample = False
+    eager = scheduler.guided_step(uncond, cond, 301, sample, 4.0, 0.5)
+    torch.testing.assert_close(lazy.pred_original_sample, eager.pred_original_sample, rtol=0, atol=0)
