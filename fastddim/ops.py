@@ -41,7 +41,12 @@ def triton_interpreting() -> bool:
 
 def select_backend(device: torch.device) -> str:
     """The backend a step on `device` uses now ("torch" or "triton"), honouring FASTDDIM_BACKEND."""
-    forced = os.environ.get("FASTDDIM_BACKEND", "").strip().lower()
+    forced = os.environ.get("FASTDDIM_BACKEND")
+    if forced is None:  # the common case, kept short: this runs on every step
+        if _kernels is not None and (device.type == "cuda" or device.type == "cpu" and _kernels.INTERPRETED):
+            return "triton"
+        return "torch"
+    forced = forced.strip().lower()
     if forced and forced != "auto":
         if forced not in BACKENDS:
             raise ValueError(f"FASTDDIM_BACKEND must be one of {BACKENDS} or 'auto', got {forced!r}")
@@ -95,6 +100,8 @@ def check_real(name: str, value, minimum: float | None = None) -> float:
 
 def check_eta(eta) -> float:
     """eta as a float; it must be finite and >= 0 (0 is DDIM, 1 is DDPM-like)."""
+    if type(eta) is float and 0.0 <= eta < math.inf:  # the common case, kept short
+        return eta
     return check_real("eta", eta, minimum=0.0)
 
 
@@ -189,7 +196,25 @@ def ddim_step(
             f"backend='triton' needs CUDA tensors (got {sample.device.type}); set TRITON_INTERPRET=1 before importing "
             "fastddim to run the Triton kernels on CPU tensors"
         )
+    if backend == "triton" and not thresholding and table.device != sample.device:
+        raise ValueError(f"table must be on the device of sample ({sample.device}) for the triton backend")
+    return dispatch(
+        model_output, sample, table, timestep, eta=eta, prediction_type=prediction_type, clip_sample=clip_sample,
+        clip_sample_range=clip_sample_range, thresholding=thresholding,
+        dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
+        use_clipped_model_output=use_clipped_model_output, variance_noise=variance_noise, philox_state=philox_state,
+        uncond_output=uncond_output, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+        backend=backend, write_prev_sample=write_prev_sample, write_pred_original_sample=write_pred_original_sample,
+    )
 
+
+def dispatch(model_output, sample, table, timestep, *, eta, prediction_type, clip_sample, clip_sample_range,
+             thresholding, dynamic_thresholding_ratio, sample_max_value, use_clipped_model_output, variance_noise,
+             philox_state, uncond_output, guidance_scale, guidance_rescale, backend, write_prev_sample=True,
+             write_pred_original_sample=True):
+    """`ddim_step` without its checks, for callers that checked the same things already (the schedulers: the
+    per-call cost of a step on small tensors is mostly Python). `table` may also be a host table as a list of
+    rows (`step_table(...).tolist()`) for an int timestep on the torch path."""
     if backend == "torch" or thresholding:
         return reference.ddim_step(
             model_output, sample, table, timestep, eta=eta, prediction_type=prediction_type,
@@ -200,8 +225,6 @@ def ddim_step(
             guidance_rescale=guidance_rescale, write_prev_sample=write_prev_sample,
             write_pred_original_sample=write_pred_original_sample,
         )
-    if table.device != sample.device:
-        raise ValueError(f"table must be on the device of sample ({sample.device}) for the triton backend")
     if isinstance(timestep, torch.Tensor) and timestep.device != sample.device:
         timestep = timestep.to(sample.device)
     args = (model_output, sample, table, timestep if isinstance(timestep, torch.Tensor) else None,

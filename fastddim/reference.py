@@ -9,6 +9,8 @@ needs no host read and traces under torch.compile.
 
 from __future__ import annotations
 
+import array
+
 import torch
 
 from fastddim.schedule import (
@@ -103,11 +105,13 @@ def _coefficients(table: torch.Tensor, timestep, eta: float, ndim: int, dtype: t
     """(sqrt_alpha_t, sqrt_beta_t, sqrt_alpha_prev, direction, std): Python floats for an int timestep, tensors
     shaped to broadcast over the batch for a tensor timestep (NaN for timesteps outside the table)."""
     if not isinstance(timestep, torch.Tensor):
-        row = table[int(timestep)].tolist()
+        row = table[int(timestep)]
+        if isinstance(row, torch.Tensor):
+            row = row.tolist()
         std, direction = noise_scales(row, eta)
         values = (row[SQRT_ALPHA_T], row[SQRT_BETA_T], row[SQRT_ALPHA_PREV], direction, std)
         # Rounded to the math dtype, as the tensor path and the kernel use them.
-        return tuple(torch.tensor(values, dtype=dtype).tolist())
+        return tuple(array.array("f" if dtype == torch.float32 else "d", values))
     t = timestep.reshape(-1).to(table.device)
     valid = (t >= 0) & (t < table.shape[0])
     rows = table[t.clamp(0, table.shape[0] - 1)]
@@ -167,7 +171,7 @@ def ddim_step(
     an output not asked for).
 
     Arguments as `fastddim.kernels.ddim_step` (plus thresholding); `table` is `fastddim.schedule.step_table`,
-    on the CPU for an int timestep, on the timestep's device otherwise. Arguments are trusted:
+    on the CPU (or a list of its rows) for an int timestep, on the timestep's device otherwise. Arguments are trusted:
     `fastddim.ops.ddim_step` checks them.
     """
     table, timestep = as_table(table, timestep)
@@ -178,8 +182,8 @@ def ddim_step(
     if uncond_output is not None:
         m = guided_output(model_output, uncond_output, guidance_scale, guidance_rescale, math_dtype)
     else:
-        m = model_output.to(math_dtype)
-    x = sample.to(math_dtype)
+        m = model_output if model_output.dtype == math_dtype else model_output.to(math_dtype)
+    x = sample if sample.dtype == math_dtype else sample.to(math_dtype)
 
     # Every tensor below is freshly allocated unless noted, so the in-place ops never touch an input.
     if prediction_type == "epsilon":
@@ -215,8 +219,10 @@ def ddim_step(
         noise = philox_normal(philox_state, sample.numel(), math_dtype).view(sample.shape)
         prev = _add_scaled(prev, noise, std)
 
+    if prev.dtype != out_dtype:
+        prev = prev.to(out_dtype)
     if not write_pred_original_sample:
-        return prev.to(out_dtype), None
+        return prev, None
     if x0 is model_output:
         x0 = x0.clone()
-    return prev.to(out_dtype), x0.to(out_dtype)
+    return prev, (x0 if x0.dtype == out_dtype else x0.to(out_dtype))

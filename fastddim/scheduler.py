@@ -190,6 +190,7 @@ class _DDIMBase(SchedulerMixin):
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self._table = None
+        self._host_rows = None
         self._device_tables = {}
         self._device_alphas = {}
 
@@ -225,13 +226,16 @@ class _DDIMBase(SchedulerMixin):
         self.timesteps = torch.from_numpy(timesteps).to(device)
         self._table = step_table(self.alphas_cumprod, num_inference_steps, float(self._boundary_alpha_cumprod()),
                                  inverse=self._inverse)
+        self._host_rows = self._table.tolist()  # the torch path's int timesteps read Python floats from here
         self._device_tables = {}
         if device is not None:
             self._table_on(torch.device(device))
 
     def _resolve_timestep(self, timestep, sample: torch.Tensor):
         """An int (checked against the table) for host timesteps; device tensors stay on the device unread."""
-        num_train = self.config.num_train_timesteps
+        num_train = len(self._host_rows)
+        if type(timestep) is int and 0 <= timestep < num_train:  # the common case, kept short
+            return timestep
         timestep = ops.check_timestep(timestep, sample.shape[0] if sample.dim() else 1)
         if isinstance(timestep, torch.Tensor):
             if timestep.device.type != "cpu" or torch.compiler.is_compiling():
@@ -277,21 +281,19 @@ class _DDIMBase(SchedulerMixin):
                 )
         backend = "torch" if thresholding else ops.select_backend(sample.device)
         host_row = isinstance(timestep, int) and backend == "torch"
-        table = self._table if host_row else self._table_on(sample.device)
-        config = self.config
+        table = self._host_rows if host_row else self._table_on(sample.device)
+        # Everything was checked above or at construction: skip ops.ddim_step's checks (a step on small
+        # tensors costs mostly Python).
         step = functools.partial(
-            ops.ddim_step, model_output, sample, table, timestep, eta=eta, prediction_type=config.prediction_type,
-            clip_sample=config.clip_sample, clip_sample_range=config.clip_sample_range,
-            thresholding=thresholding,
-            dynamic_thresholding_ratio=config.get("dynamic_thresholding_ratio", 0.995),
-            sample_max_value=config.get("sample_max_value", 1.0),
+            ops.dispatch, model_output, sample, table, timestep, eta=eta, thresholding=thresholding,
             use_clipped_model_output=use_clipped_model_output, uncond_output=uncond_output,
             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, backend=backend,
+            **self._config_step_options(),
         )
         # The kernel skips pred_original_sample unless it is read (not under torch.compile or CUDA-graph capture,
         # where the step must stay one static op).
         lazy = (
-            return_dict and self.lazy_pred_original_sample and backend == "triton" and not thresholding
+            backend == "triton" and return_dict and self.lazy_pred_original_sample and not thresholding
             and not torch.compiler.is_compiling()
             and not (sample.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
         )
@@ -307,6 +309,21 @@ class _DDIMBase(SchedulerMixin):
                 inputs["timestep"] = timestep
             return DDIMSchedulerOutput.deferred(prev_sample, lambda: step(write_prev_sample=False)[1], inputs)
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+    def _config_step_options(self) -> dict:
+        """The step options the config sets, cached for as long as the config object stays the same (pipelines
+        may replace it, e.g. to fix steps_offset)."""
+        config = self.config
+        cached = self.__dict__.get("_step_options")
+        if cached is None or cached[0] is not config:
+            options = dict(
+                prediction_type=config.prediction_type, clip_sample=config.clip_sample,
+                clip_sample_range=config.clip_sample_range,
+                dynamic_thresholding_ratio=config.get("dynamic_thresholding_ratio", 0.995),
+                sample_max_value=config.get("sample_max_value", 1.0),
+            )
+            cached = self._step_options = (config, options)
+        return cached[1]
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -457,7 +474,8 @@ class DDIMScheduler(_DDIMBase):
         """
         return self._noisy_step(noise_pred_cond, timestep, sample, eta, use_clipped_model_output, generator,
                                 variance_noise, return_dict, uncond_output=noise_pred_uncond,
-                                guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
+                                guidance_scale=ops.check_real("guidance_scale", guidance_scale),
+                                guidance_rescale=ops.check_real("guidance_rescale", guidance_rescale, minimum=0.0))
 
     def _noisy_step(self, model_output, timestep, sample, eta, use_clipped_model_output, generator, variance_noise,
                     return_dict, **guidance):
