@@ -43,7 +43,7 @@ def select_backend(device: torch.device) -> str:
     """The backend a step on `device` uses now ("torch" or "triton"), honouring FASTDDIM_BACKEND."""
     forced = os.environ.get("FASTDDIM_BACKEND")
     if forced is None:  # the common case, kept short: this runs on every step
-        if _kernels is not None and (device.type == "cuda" or device.type == "cpu" and _kernels.INTERPRETED):
+        if device.type == "cuda" and triton_available() or device.type == "cpu" and triton_interpreting():
             return "triton"
         return "torch"
     forced = forced.strip().lower()
