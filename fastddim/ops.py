@@ -209,9 +209,9 @@ def ddim_step(
 
 
 def dispatch(model_output, sample, table, timestep, *, eta, prediction_type, clip_sample, clip_sample_range,
-             thresholding, dynamic_thresholding_ratio, sample_max_value, use_clipped_model_output, variance_noise,
-             philox_state, uncond_output, guidance_scale, guidance_rescale, backend, write_prev_sample=True,
-             write_pred_original_sample=True):
+             thresholding, dynamic_thresholding_ratio, sample_max_value, use_clipped_model_output, backend,
+             variance_noise=None, philox_state=None, uncond_output=None, guidance_scale=1.0, guidance_rescale=0.0,
+             write_prev_sample=True, write_pred_original_sample=True):
     """`ddim_step` without its checks, for callers that checked the same things already (the schedulers: the
     per-call cost of a step on small tensors is mostly Python). `table` may also be a host table as a list of
     rows (`step_table(...).tolist()`) for an int timestep on the torch path."""
