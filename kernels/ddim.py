@@ -155,7 +155,7 @@ def _ddim_step_kernel(
     MATH_FP64: tl.constexpr,
     WRITE_PREV: tl.constexpr,
     WRITE_X0: tl.constexpr,  # False when the caller computes pred_original_sample only if it is read
-    THRESHOLD: tl.constexpr,  # dynamic thresholding by the per-sample threshold_ptr[batch] (takes precedence over CLIP)
+    THRESHOLD: tl.constexpr,  # clamp/divide x0 by the per-sample threshold_ptr[batch] (precedes CLIP)
     BLOCK: tl.constexpr,
 ):
     eta = _float64(eta_bits)
@@ -209,9 +209,12 @@ def _ddim_step_kernel(
 
     if THRESHOLD:
         # s >= 1 from kernels/threshold.py (or NaN, which makes the whole sample NaN, as in torch):
-        # clamp(x0, -s, s) / s, the IEEE division as torch's.
+        # clamp(x0, -s, s) / s, the IEEE division as torch's. (tl.clamp(x0, -s, s) with a tensor s lowers to an
+        # LLVM intrinsic the NVPTX backend lacks; maximum-then-minimum is the same clamp since -s <= s.)
         s = tl.load(threshold_ptr + batch, mask=mask, other=1.0).to(math_dtype)
-        x0 = _divide(tl.clamp(x0, -s, s, propagate_nan=tl.PropagateNan.ALL), s, MATH_FP64)
+        clamped = tl.minimum(tl.maximum(x0, -s, propagate_nan=tl.PropagateNan.ALL), s,
+                             propagate_nan=tl.PropagateNan.ALL)
+        x0 = _divide(clamped, s, MATH_FP64)
     elif CLIP:
         limit = _float64(clip_range_bits).to(math_dtype)
         x0 = tl.clamp(x0, -limit, limit, propagate_nan=tl.PropagateNan.ALL)
