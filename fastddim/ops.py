@@ -253,8 +253,8 @@ def _triton_step_op(
     model_output: torch.Tensor, sample: torch.Tensor, table: torch.Tensor, timestep_tensor: torch.Tensor | None,
     timestep_value: int, eta: float, prediction_type: str, clip_sample: bool, clip_sample_range: float,
     use_clipped_model_output: bool, variance_noise: torch.Tensor | None, philox_state: torch.Tensor | None,
-    uncond_output: torch.Tensor | None, guidance_scale: float, guidance_rescale: float, thresholding: bool,
-    dynamic_thresholding_ratio: float, sample_max_value: float,
+    uncond_output: torch.Tensor | None, guidance_scale: float, guidance_rescale: float, thresholding: bool = False,
+    dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _triton_step(model_output, sample, table, timestep_tensor, timestep_value, eta, prediction_type,
                         clip_sample, clip_sample_range, use_clipped_model_output, variance_noise, philox_state,
@@ -265,7 +265,7 @@ def _triton_step_op(
 @_triton_step_op.register_fake
 def _(model_output, sample, table, timestep_tensor, timestep_value, eta, prediction_type, clip_sample,
       clip_sample_range, use_clipped_model_output, variance_noise, philox_state, uncond_output, guidance_scale,
-      guidance_rescale, thresholding, dynamic_thresholding_ratio, sample_max_value):
+      guidance_rescale, thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0):
     from fastddim.kernels.ddim import allocate_outputs
 
     outputs, _, _ = allocate_outputs(model_output, sample, uncond_output, variance_noise, philox_state is not None)

@@ -36,9 +36,13 @@ import torch
 import triton
 import triton.language as tl
 
+from fastddim.schedule import as_table
+from fastddim.threshold import radix_levels, window_bits
+
 from .ddim import (
-    BLOCK_SIZE, GUIDANCE_RESCALED, INTERPRETED, PREDICTION_CODES, _float64, _padded, _predicted_x0_eps,
-    _step_coefficients, float64_bits,
+    BLOCK_SIZE, GUIDANCE_CFG, GUIDANCE_NONE, GUIDANCE_RESCALED, PREDICTION_CODES, TIMESTEP_PER_SAMPLE,
+    TIMESTEP_SCALAR, TIMESTEP_TENSOR, _padded, _predicted_x0_eps, _step_coefficients, allocate_outputs,
+    float64_bits, guidance_std_ratio, needs_int64,
 )
 
 RADIX_BITS = 10
@@ -357,22 +361,6 @@ def _threshold_select_kernel(
         tl.store(sample_hist + NUM_BINS + bins, tl.zeros([NUM_BINS], dtype=tl.int64))
 
 
-def window_bits(max_value: float, dtype: torch.dtype) -> tuple[int, int, float]:
-    """(bit pattern of 1.0, bit pattern of sample_max_value, the clamp bound) in the math `dtype`. The bound is
-    sample_max_value rounded to the dtype as torch.clamp rounds it; one past float32's range is +inf (no upper
-    clamp: every float32 is below the true bound)."""
-    bound = torch.tensor(float(max_value), dtype=torch.float64).to(dtype)
-    int_dtype = torch.int64 if dtype == torch.float64 else torch.int32
-    one = int(torch.tensor(1.0, dtype=dtype).view(int_dtype))
-    return one, int(bound.view(int_dtype)), float(bound)
-
-
-def radix_levels(window_lo: int, window_hi: int) -> int:
-    """How many RADIX_BITS-digit histogram levels resolve an offset into the window's bit patterns."""
-    span = window_hi - window_lo
-    return -(-max(span - 1, 0).bit_length() // RADIX_BITS) if span > 1 else 0
-
-
 def programs_per_sample(per_sample: int, batch: int, device: torch.device) -> int:
     chunks = triton.cdiv(per_sample, PASS_BLOCK)
     if device.type == "cuda":
@@ -396,8 +384,7 @@ def threshold_scale(model_output, sample, table, timestep_arg, timestep_ptr, tim
     per_sample = math.prod(sample.shape[1:]) if sample.dim() else 1
     device = sample.device
     lo, hi, bound = window_bits(max_value, math_dtype)
-    hi = max(hi, lo)
-    levels = radix_levels(lo, hi)
+    levels = radix_levels(lo, hi, RADIX_BITS)
     top = levels * RADIX_BITS
     # One zero-filled buffer: the histograms and counts (all-reduced by sum), then the extremes (by max).
     hist_size, count_size = batch * 2 * NUM_BINS, batch * COUNT_WIDTH
@@ -454,3 +441,37 @@ def threshold_scale(model_output, sample, table, timestep_arg, timestep_ptr, tim
     s = s.clamp_(min=1, max=bound) if math.isfinite(bound) else s.clamp_(min=1)
     s = s.view(batch)
     return (s, values) if return_order_statistics else s
+
+
+def sample_thresholds(model_output, sample, table, timestep=None, prediction_type="epsilon",
+                      dynamic_thresholding_ratio=0.995, sample_max_value=1.0, uncond_output=None,
+                      guidance_scale=1.0, guidance_rescale=0.0, reduce=None, int64=None,
+                      return_order_statistics=False):
+    """The per-sample thresholds s (shape (batch,), float32, float64 for float64 inputs) that `ddim_step` with
+    thresholding applies to these inputs: clamp(torch.quantile(|x0|, ratio), 1, sample_max_value) of the step's
+    x0, bit for bit. Arguments as `kernels.ddim.ddim_step`; `int64` forces (True) the 64-bit index path that
+    samples of 2**31 elements take (None: chosen from the sizes)."""
+    table, timestep = as_table(table, timestep)
+    _, shared_dense, inputs = allocate_outputs(model_output, sample, uncond_output, write_prev=False,
+                                               write_x0=False)
+    model_output, sample, uncond_output, _ = inputs
+    out_dtype = torch.promote_types(model_output.dtype, sample.dtype)
+    if isinstance(timestep, torch.Tensor):
+        mode = TIMESTEP_PER_SAMPLE if timestep.numel() > 1 else TIMESTEP_TENSOR
+        timestep_arg, timestep_ptr = 0, timestep
+    else:
+        mode, timestep_arg, timestep_ptr = TIMESTEP_SCALAR, int(timestep), table
+    guidance_mode, stats = GUIDANCE_NONE, table
+    if uncond_output is not None:
+        guidance_mode = GUIDANCE_CFG
+        if guidance_rescale != 0:
+            guidance_mode = GUIDANCE_RESCALED
+            stats = guidance_std_ratio(model_output, uncond_output, guidance_scale)
+    if int64 is None:
+        int64 = needs_int64(sample.numel(), [t for t in (model_output, sample, uncond_output) if t is not None])
+    return threshold_scale(model_output, sample, table, timestep_arg, timestep_ptr, mode, prediction_type,
+                           dynamic_thresholding_ratio, sample_max_value, uncond_output=uncond_output,
+                           guidance_mode=guidance_mode, guidance_scale=guidance_scale,
+                           guidance_rescale=guidance_rescale, stats=stats, shared_dense=shared_dense, int64=int64,
+                           math_fp64=out_dtype == torch.float64, reduce=reduce,
+                           return_order_statistics=return_order_statistics)
