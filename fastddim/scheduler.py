@@ -349,9 +349,10 @@ class DDIMScheduler(_DDIMBase):
 
     Dynamic thresholding finds diffusers' threshold (torch.quantile of |x0|, clamped) bit for bit at any sample
     size (torch.quantile stops at 2**24 elements). For samples sharded across processes (each holds the whole
-    batch and a part of every sample), set the attribute `threshold_process_group` (not a config key) to the
-    `torch.distributed` group holding the shards, or pass `process_group=` to `step`: the threshold is then
-    that of the whole samples, identical on every process, and every process must run each step.
+    batch and a part of every sample), set the attribute `threshold_process_group` (not a config key; `step`
+    keeps diffusers' signature) to the `torch.distributed` group holding the shards, or pass `process_group=` to
+    `guided_step`: the threshold is then that of the whole samples, identical on every process, and every
+    process must run each step.
     """
 
     _compatibles = list(KARRAS_DIFFUSION_SCHEDULERS)
@@ -416,7 +417,6 @@ class DDIMScheduler(_DDIMBase):
         generator: torch.Generator | None = None,
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
-        process_group=None,
     ) -> DDIMSchedulerOutput | tuple:
         """One reverse step x_t -> x_{t-1}.
 
@@ -433,14 +433,12 @@ class DDIMScheduler(_DDIMBase):
             variance_noise (`torch.Tensor`, *optional*): the noise itself, instead of `generator` (e.g. for
                 CycleDiffusion); same shape and device as `sample`.
             return_dict (`bool`, defaults to `True`): return a `DDIMSchedulerOutput` rather than a tuple.
-            process_group (`torch.distributed.ProcessGroup`, *optional*): with thresholding, the group across which
-                the samples are sharded (defaults to the attribute `threshold_process_group`).
 
         Returns:
             `DDIMSchedulerOutput` or `tuple`: `(prev_sample, pred_original_sample)`.
         """
         return self._noisy_step(model_output, timestep, sample, eta, use_clipped_model_output, generator,
-                                variance_noise, return_dict, process_group=process_group)
+                                variance_noise, return_dict)
 
     def guided_step(
         self,
@@ -466,8 +464,9 @@ class DDIMScheduler(_DDIMBase):
         Args:
             noise_pred_uncond (`torch.Tensor`): the model output without conditioning.
             noise_pred_cond (`torch.Tensor`): the model output with conditioning (diffusers' `noise_pred_text`).
-            timestep, sample, eta, use_clipped_model_output, generator, variance_noise, return_dict,
-                process_group: as in `step`.
+            timestep, sample, eta, use_clipped_model_output, generator, variance_noise, return_dict: as in `step`.
+            process_group (`torch.distributed.ProcessGroup`, *optional*): with thresholding, the group across which
+                the samples are sharded (defaults to the attribute `threshold_process_group`).
             guidance_scale (`float`): the guidance weight (1 means no guidance).
             guidance_rescale (`float`, defaults to 0.0): the weight of the std-rescaled guidance, from
                 "Common Diffusion Noise Schedules and Sample Steps are Flawed" (section 3.4).

@@ -150,24 +150,26 @@ def _radix_order_statistics(bits: torch.Tensor, ratio: float, dtype: torch.dtype
     passed through `reduce` (all-reduce over the processes holding shards of the same samples; None: this
     process holds the whole samples)."""
     _, max_bits, inf_bits, nan_bits = _PATTERNS[dtype]
-    batch = bits.shape[0]
+    batch, width = bits.shape
     device = bits.device
     reduce = reduce or (lambda tensor, op: None)
-    wide = bits.to(torch.int64)
-    is_low = wide < lo
-    in_window = ~is_low & (wide < hi)
-    is_high = (wide >= hi) & (wide < inf_bits)
-    counts = torch.stack([is_low.sum(1), in_window.sum(1), is_high.sum(1), (wide == inf_bits).sum(1),
-                          (wide > inf_bits).sum(1)], dim=1)
+    is_low = bits < lo
+    under_hi = bits < hi
+    finite = bits < inf_bits
+    n_low, n_under_hi, n_finite = is_low.sum(1), under_hi.sum(1), finite.sum(1)
+    n_numbers = (bits <= inf_bits).sum(1)
+    counts = torch.stack([n_low, n_under_hi - n_low, n_finite - n_under_hi, n_numbers - n_finite,
+                          width - n_numbers], dim=1)
     reduce(counts, "sum")
     # Both extremes as maxima of non-negative integers (0: none), so one all-reduce op serves both.
-    extremes = torch.stack([torch.where(is_low, wide + 1, 0).amax(1) if wide.shape[1] else counts[:, 0] * 0,
-                            torch.where(is_high, max_bits - wide, 0).amax(1) if wide.shape[1] else counts[:, 0] * 0],
-                           dim=1)
+    extremes = torch.zeros(batch, 2, dtype=torch.int64, device=device)
+    if width:
+        extremes[:, 0] = torch.where(is_low, bits, -1).amax(1).to(torch.int64) + 1
+        high = ~under_hi & finite
+        extremes[:, 1] = max_bits - torch.where(high, bits, max_bits).amin(1).to(torch.int64)
     reduce(extremes, "max")
     n_low, n_window, n_high, n_inf, n_nan = counts.unbind(1)
-    n = counts.sum(1)
-    below, above, weight = quantile_indices(n, ratio, dtype, device)
+    below, above, weight = quantile_indices(counts.sum(1), ratio, dtype, device)
     low_bits, high_bits = extremes[:, 0] - 1, max_bits - extremes[:, 1]
     inf_t = torch.tensor(inf_bits, device=device)
     nan_t = torch.tensor(nan_bits, device=device)
@@ -179,19 +181,23 @@ def _radix_order_statistics(bits: torch.Tensor, ratio: float, dtype: torch.dtype
 
     levels = radix_levels(lo, hi)
     top = levels * RADIX_BITS
-    rows, cols = in_window.nonzero(as_tuple=True)
-    offsets = wide[rows, cols] - lo
+    # Each row's window elements, as offsets from the window's first bit pattern.
+    in_window = ~is_low & under_hi
+    offsets = [bits[row][in_window[row]].to(torch.int64) - lo for row in range(batch)] if levels else []
     bins = torch.arange(NUM_BINS, device=device)
     for level in range(1, levels + 1):
         shift = top - level * RADIX_BITS
-        digits = (offsets >> shift) & (NUM_BINS - 1)
-        higher = offsets >> (shift + RADIX_BITS)
-        hist = torch.zeros(2, batch * NUM_BINS, dtype=torch.int64, device=device)
-        for target in range(2):
-            chosen = wanted[target][rows] & (higher == prefixes[target][rows])
-            hist[target] += torch.bincount(rows[chosen] * NUM_BINS + digits[chosen], minlength=batch * NUM_BINS)
+        hist = torch.zeros(2, batch, NUM_BINS, dtype=torch.int64, device=device)
+        wanted_rows = wanted.any(0).tolist()
+        for row in range(batch):
+            if not wanted_rows[row]:
+                continue
+            digits = (offsets[row] >> shift) & (NUM_BINS - 1)
+            higher = offsets[row] >> (shift + RADIX_BITS)
+            for target in range(2):
+                chosen = digits[higher == prefixes[target, row]]
+                hist[target, row] = torch.bincount(chosen, minlength=NUM_BINS)
         reduce(hist, "sum")
-        hist = hist.view(2, batch, NUM_BINS)
         cumulative = hist.cumsum(2)
         bin = (cumulative <= ranks.unsqueeze(2)).sum(2)
         before = torch.where(bins < bin.unsqueeze(2), hist, 0).sum(2)
