@@ -224,6 +224,8 @@ def threshold_scale(x0: torch.Tensor, ratio: float, max_value: float, process_gr
     if x0.dtype not in _PATTERNS:
         raise TypeError(f"x0 must be float32 or float64, got {x0.dtype}")
     batch = x0.shape[0] if x0.dim() else 1
+    if batch == 0:  # (every process of a group holds the same batch: none runs collectives)
+        return torch.empty(0, dtype=x0.dtype, device=x0.device)
     flat = x0.reshape(batch, -1)
     lo, hi, bound = window_bits(max_value, x0.dtype)
     bits = abs_bits(flat)

@@ -416,6 +416,13 @@ def ddim_step(
     inputs = [t for t in inputs if t is not None]
     n_elements = sample.numel()
     if n_elements == 0:
+        if thresholding and threshold_reduce is not None:
+            # An empty shard still takes part in the collectives of the other shards' thresholds.
+            from .threshold import sample_thresholds
+
+            sample_thresholds(model_output, sample, table, timestep, prediction_type, dynamic_thresholding_ratio,
+                              sample_max_value, uncond_output, guidance_scale, guidance_rescale,
+                              reduce=threshold_reduce)
         return prev, x0
 
     def strides_of(tensor):

@@ -425,16 +425,23 @@ def threshold_scale(model_output, sample, table, timestep_arg, timestep_ptr, tim
             MATH_FP64=math_fp64, FIRST=first, SELECT=levels > 0, LAST=last, NUM_BINS=NUM_BINS,
         )
 
-    run_pass(True, max(top - RADIX_BITS, 0))
+    # An empty shard of a sharded sample skips the passes but takes part in the collectives (and the selects,
+    # which find the threshold of the whole sample from the reduced counts).
+    passes = batch > 0 and per_sample > 0
+    if passes:
+        run_pass(True, max(top - RADIX_BITS, 0))
     if reduce is not None:
         reduce(buffer[:hist_size + count_size], "sum")
         reduce(extremes, "max")
-    run_select(True, levels <= 1)
+    if batch:
+        run_select(True, levels <= 1)
     for level in range(2, levels + 1):
-        run_pass(False, top - level * RADIX_BITS)
+        if passes:
+            run_pass(False, top - level * RADIX_BITS)
         if reduce is not None:
             reduce(hist, "sum")
-        run_select(False, level == levels)
+        if batch:
+            run_select(False, level == levels)
 
     # torch.quantile's interpolation and diffusers' clamp, by the same torch ops on (batch, 1) tensors.
     s = torch.lerp(values[0].unsqueeze(1), values[1].unsqueeze(1), values[2].unsqueeze(1))
@@ -466,7 +473,8 @@ def sample_thresholds(model_output, sample, table, timestep=None, prediction_typ
         guidance_mode = GUIDANCE_CFG
         if guidance_rescale != 0:
             guidance_mode = GUIDANCE_RESCALED
-            stats = guidance_std_ratio(model_output, uncond_output, guidance_scale)
+            if sample.numel():
+                stats = guidance_std_ratio(model_output, uncond_output, guidance_scale)
     if int64 is None:
         int64 = needs_int64(sample.numel(), [t for t in (model_output, sample, uncond_output) if t is not None])
     return threshold_scale(model_output, sample, table, timestep_arg, timestep_ptr, mode, prediction_type,
