@@ -10,14 +10,17 @@ This module finds the same s bit for bit, for rows of any length, from two order
 - only order statistics inside the window [1, sample_max_value) need their exact values: below it s is 1,
   above it (finite) s is sample_max_value, and an infinite one makes s inf or NaN whatever the other is. So
   counts of |x0| below 1, below sample_max_value, finite and not NaN decide which exact values are needed;
-- the exact values: locally, `torch.kthvalue` on the integer bit patterns of |x0| (non-negative floats sort like
-  their bit patterns; NaN patterns sort last), O(n) instead of a sort; across the shards of a sample held by
+- the exact values: locally, from the integer bit patterns of |x0| (non-negative floats sort like their bit
+  patterns; NaN patterns sort last): a histogram of their top bits places both order statistics, then only the
+  elements of their bins are searched, O(n) instead of torch.quantile's sort; across the shards of a sample held by
   several processes, a radix select: the per-sample counts, the extremes next to the window and histograms of
   the window's bit patterns, RADIX_BITS at a time, all-reduced with `torch.distributed`, so every process finds
   the threshold one process holding the whole sample would (the algorithm of kernels/threshold.py).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -92,45 +95,90 @@ def _locate(index, n_low, n_window, n_high, n_inf, low_bits, high_bits, inf_bits
     return bits, rank
 
 
+# The local path histograms |x0| by its top bits first: sign (0), exponent and the leading mantissa bits.
+TOP_SHIFT = {torch.float32: 16, torch.float64: 48}
+TOP_BINS = 1 << 15
+# A histogram bin holding more candidates than this is searched with torch.kthvalue rather than sorted.
+SORT_LIMIT = 1 << 14
+
+
+def _row_select(row: torch.Tensor, top: torch.Tensor, cumulative: torch.Tensor, below: int, above: int):
+    """Order statistics `below` and `above` (0-based, above - below <= 1) of one row of bit patterns, from the
+    cumulative histogram of its top bits: only the elements of the bins holding them are searched."""
+    bin_below = int(torch.searchsorted(cumulative, below, right=True))
+    start = int(cumulative[bin_below - 1]) if bin_below else 0
+    candidates = row[top == bin_below]
+    sortable = candidates.numel() <= SORT_LIMIT
+    if sortable:
+        candidates = torch.sort(candidates).values
+
+    def pick(index):
+        if sortable:
+            return candidates[index]
+        return torch.kthvalue(candidates, index + 1).values
+
+    lower = pick(below - start)
+    if above == below:
+        return lower, lower
+    if above - start < candidates.numel():
+        return lower, pick(above - start)
+    # The upper statistic opens the next non-empty bin: its smallest element.
+    bin_above = int(torch.searchsorted(cumulative, above, right=True))
+    return lower, row[top == bin_above].min()
+
+
+def _count_below(row: torch.Tensor, top: torch.Tensor, cumulative: torch.Tensor, bound: int, shift: int):
+    """How many elements of the row are below the bit pattern `bound`: read from the cumulative histogram when
+    the bound starts a bin, else that plus a count inside the bound's bin."""
+    bin = bound >> shift
+    count = int(cumulative[bin - 1]) if bin else 0
+    if bound & ((1 << shift) - 1) and bin < cumulative.numel():
+        inside = int(cumulative[bin]) - count
+        if inside:
+            count += int((row[top == bin] < bound).sum())
+    return count
+
+
 def _local_order_statistics(bits: torch.Tensor, ratio: float, dtype: torch.dtype, lo: int, hi: int):
     """(lower, upper) order statistics of each row as bit patterns (stand-ins where the exact value cannot
-    change s), and the weight: counts first, then torch.kthvalue only if some row needs an exact value."""
+    change s), and the weight. Per row: one histogram of the top bits gives the counts that place the two
+    order statistics; only if the threshold depends on their exact values are the elements of their bins
+    searched (sorted, or torch.kthvalue when a bin holds many). Exact for any row length."""
     _, _, inf_bits, nan_bits = _PATTERNS[dtype]
+    shift = TOP_SHIFT[dtype]
     batch, n = bits.shape
     below, above, weight = quantile_indices(n, ratio, dtype, bits.device)
-    below_i, above_i = int(below), int(above)
-    n_low = (bits < lo).sum(1)
-    n_under_hi = (bits < hi).sum(1)
-    n_finite = (bits < inf_bits).sum(1)
-    n_numbers = (bits <= inf_bits).sum(1)
-    has_nan = n_numbers < n
-    # Exact values matter when the interpolation can land in [1, bound) or on its edges: no NaN, a finite upper
-    # statistic, the lower one below the bound and the upper one at least 1.
-    exact = ~has_nan & (above_i < n_finite) & (below_i < n_under_hi) & (above_i >= n_low)
-    one = torch.tensor(lo, dtype=bits.dtype, device=bits.device)
+    below, above = int(below), int(above)
+    tops = bits >> shift
+    lower, upper = [], []
+    for row, top in zip(bits, tops):
+        cumulative = torch.bincount(top, minlength=TOP_BINS).cumsum(0)
+        n_low = _count_below(row, top, cumulative, lo, shift)
+        n_under_hi = _count_below(row, top, cumulative, hi, shift)
+        n_finite = _count_below(row, top, cumulative, inf_bits, shift)
+        n_numbers = _count_below(row, top, cumulative, inf_bits + 1, shift)
 
-    def stand_in(index):
-        # A value in the same range as the true order statistic: s does not depend on which.
-        return torch.where(index < n_low, torch.zeros_like(one),
-                           torch.where(index < n_finite, torch.where(index < n_under_hi, one, torch.full_like(one, hi)),
-                                       torch.where(index < n_numbers, torch.full_like(one, inf_bits),
-                                                   torch.full_like(one, nan_bits))))
+        def stand_in(index):
+            # A value in the same range as the true order statistic: s does not depend on which.
+            if index < n_low:
+                return 0
+            if index < n_under_hi:
+                return lo
+            if index < n_finite:
+                return hi
+            return inf_bits if index < n_numbers else nan_bits
 
-    lower, upper = stand_in(below_i), stand_in(above_i)
-    if bool(exact.any()):
-        kth = torch.kthvalue(bits, below_i + 1, dim=1).values
-        if above_i == below_i:
-            kth_upper = kth
+        if n_numbers < n:  # a NaN in the row: torch.quantile's answer is NaN
+            pair = (nan_bits, nan_bits)
+        elif above < n_finite and below < n_under_hi and above >= n_low:
+            # The interpolation can land in [1, bound] or on its edges: the exact values decide.
+            pair = tuple(int(v) for v in _row_select(row, top, cumulative, below, above))
         else:
-            # The next order statistic: the same value if it repeats, else the smallest larger one.
-            repeats = (bits <= kth.unsqueeze(1)).sum(1) > above_i
-            larger = torch.where(bits > kth.unsqueeze(1), bits, torch.iinfo(bits.dtype).max).amin(1)
-            kth_upper = torch.where(repeats, kth, larger)
-        lower = torch.where(exact, kth, lower)
-        upper = torch.where(exact, kth_upper, upper)
-    lower = torch.where(has_nan, nan_bits, lower)
-    upper = torch.where(has_nan, nan_bits, upper)
-    return lower, upper, weight
+            pair = (stand_in(below), stand_in(above))
+        lower.append(pair[0])
+        upper.append(pair[1])
+    as_tensor = functools.partial(torch.tensor, dtype=bits.dtype, device=bits.device)
+    return as_tensor(lower), as_tensor(upper), weight
 
 
 def all_reduce_hook(process_group):

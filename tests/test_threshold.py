@@ -111,7 +111,7 @@ KINDS = ["normal", "ties", "all_equal", "all_one", "all_bound", "zeros", "denorm
 # The torch path (fastddim.threshold)
 # ---------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("radix", [False, True], ids=["kthvalue", "radix"])
+@pytest.mark.parametrize("radix", [False, True], ids=["local", "radix"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_torch_threshold_equals_torch_quantile(kind, dtype, radix):
@@ -152,6 +152,27 @@ def test_quantile_indices_reproduce_torch_quantile(dtype):
             below, above, weight = th.quantile_indices(n, ratio, dtype)
             got = torch.lerp(below.to(dtype).view(1, 1), above.to(dtype).view(1, 1), weight.view(1, 1))
             assert_identical(got.view(()), expected[i], f"n={n} ratio={ratio}")
+
+
+@pytest.mark.parametrize("sort_limit", [th.SORT_LIMIT, 1], ids=["sorted-bins", "kthvalue-bins"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_local_select_every_pair_of_order_statistics(dtype, sort_limit, monkeypatch):
+    """The local path's bin search for every (k, k + 1) and (k, k) of rows with ties, bins of one value, and
+    order statistics that open the next bin; small bins sorted, or searched by torch.kthvalue."""
+    monkeypatch.setattr(th, "SORT_LIMIT", sort_limit)
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randn(200, generator=g, dtype=torch.float64) * 3,
+            torch.randint(0, 6, (150,), generator=g).to(torch.float64) * 1.25,
+            torch.tensor([1.0, 2.0, 2.0, 1e30, 0.0, 5e-324 if dtype == torch.float64 else 1e-45] * 7)]
+    for values in rows:
+        bits = th.abs_bits(values.to(dtype).unsqueeze(0))[0]
+        ordered = torch.sort(bits).values
+        top = bits >> th.TOP_SHIFT[dtype]
+        cumulative = torch.bincount(top, minlength=th.TOP_BINS).cumsum(0)
+        for k in range(bits.numel()):
+            for above in {k, min(k + 1, bits.numel() - 1)}:
+                lower, upper = th._row_select(bits, top, cumulative, k, above)
+                assert (int(lower), int(upper)) == (int(ordered[k]), int(ordered[above]))
 
 
 special_floats = st.sampled_from([0.0, -0.0, 1.0, -1.0, 1.5, 3.0, math.inf, -math.inf, math.nan, 1e-45, 2.0**-126,
@@ -202,7 +223,7 @@ def test_torch_threshold_beyond_torch_quantile_limit():
     for ratio in (0.995, 1.0, 0.5):
         expected = sorted_quantile_oracle(sorted_abs, has_nan, ratio, 40.0)
         assert 1 < float(expected) < 40  # inside the window: the exact order statistics decide s
-        assert_identical(th.threshold_scale(x0, ratio, 40.0), expected, f"kthvalue ratio={ratio}")
+        assert_identical(th.threshold_scale(x0, ratio, 40.0), expected, f"local ratio={ratio}")
     assert_identical(th.threshold_scale(x0, 0.995, 40.0, radix=True),
                      sorted_quantile_oracle(sorted_abs, has_nan, 0.995, 40.0), "radix")
     assert float(th.threshold_scale(x0, 1.0, 40.0)) == float(sorted_abs[0, -1])
