@@ -389,7 +389,8 @@ def threshold_scale(model_output, sample, table, timestep_arg, timestep_ptr, tim
     # One zero-filled buffer: the histograms and counts (all-reduced by sum), then the extremes (by max).
     hist_size, count_size = batch * 2 * NUM_BINS, batch * COUNT_WIDTH
     buffer = torch.zeros(hist_size + count_size + batch * 2, dtype=torch.int64, device=device)
-    hist, counts, extremes = buffer[:hist_size], buffer[hist_size:hist_size + count_size], buffer[hist_size + count_size:]
+    hist, counts = buffer[:hist_size], buffer[hist_size:hist_size + count_size]
+    extremes = buffer[hist_size + count_size:]
     state = torch.empty(batch, STATE_WIDTH, dtype=torch.int64, device=device)
     values = torch.empty(3, batch, dtype=math_dtype, device=device)
     ratio_bits = float64_bits(ratio) if math_fp64 else int(torch.tensor(float(ratio)).view(torch.int32))
