@@ -2,9 +2,11 @@
 
 Backend per call: `FASTDDIM_BACKEND=torch|triton` forces one; otherwise CUDA tensors use Triton, and CPU tensors
 use Triton only when the kernels run in Triton's interpreter (TRITON_INTERPRET=1 set before fastddim is
-imported; used to test the kernels without a GPU), the torch reference path otherwise. Thresholded steps take
-the torch path on every backend for now. Under torch.compile the Triton step is the custom op
-`torch.ops.fastddim.ddim_step`, so a compiled loop has no graph break; the torch path is traced as it is.
+imported; used to test the kernels without a GPU), the torch reference path otherwise. Thresholded steps find
+their exact per-sample threshold with the radix-select kernels of kernels/threshold.py on the Triton backend,
+with fastddim.threshold (torch.kthvalue, no torch.quantile) on the torch one. Under torch.compile the Triton
+step is the custom op `torch.ops.fastddim.ddim_step`, so a compiled loop has no graph break; the torch path is
+traced as it is.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import os
 
 import torch
 
-from fastddim import reference
+from fastddim import reference, threshold
 from fastddim.schedule import ROW_WIDTH, as_table
 
 BACKENDS = ("torch", "triton")
@@ -141,6 +143,7 @@ def ddim_step(
     backend: str | None = None,
     write_prev_sample: bool = True,
     write_pred_original_sample: bool = True,
+    process_group=None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """One DDIM step, checked and dispatched; returns `(prev_sample, pred_original_sample)`, None for an output
     not asked for.
@@ -166,6 +169,10 @@ def ddim_step(
             guidance `uncond + guidance_scale * (model_output - uncond)`, rescaled by `guidance_rescale` as
             diffusers' `rescale_noise_cfg`.
         backend (`str`, *optional*): "torch" or "triton"; chosen by `select_backend` when None.
+        process_group (`torch.distributed.ProcessGroup`, *optional*): with thresholding, the samples are sharded
+            across the processes of this group (each holds the whole batch and a part of every sample): the
+            threshold is that of the whole samples, the same on every process (its counts are all-reduced).
+            Every process of the group must make the call. Not traceable by torch.compile.
     """
     table, timestep = as_table(table, timestep)
     check_step_inputs(model_output, sample, variance_noise, uncond_output)
@@ -196,7 +203,12 @@ def ddim_step(
             f"backend='triton' needs CUDA tensors (got {sample.device.type}); set TRITON_INTERPRET=1 before importing "
             "fastddim to run the Triton kernels on CPU tensors"
         )
-    if backend == "triton" and not thresholding and table.device != sample.device:
+    if thresholding:
+        dynamic_thresholding_ratio = check_real("dynamic_thresholding_ratio", dynamic_thresholding_ratio)
+        if not 0 < dynamic_thresholding_ratio <= 1:
+            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio}")
+        sample_max_value = check_real("sample_max_value", sample_max_value, minimum=1.0)
+    if backend == "triton" and table.device != sample.device:
         raise ValueError(f"table must be on the device of sample ({sample.device}) for the triton backend")
     return dispatch(
         model_output, sample, table, timestep, eta=eta, prediction_type=prediction_type, clip_sample=clip_sample,
@@ -205,17 +217,18 @@ def ddim_step(
         use_clipped_model_output=use_clipped_model_output, variance_noise=variance_noise, philox_state=philox_state,
         uncond_output=uncond_output, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
         backend=backend, write_prev_sample=write_prev_sample, write_pred_original_sample=write_pred_original_sample,
+        process_group=process_group,
     )
 
 
 def dispatch(model_output, sample, table, timestep, *, eta, prediction_type, clip_sample, clip_sample_range,
              thresholding, dynamic_thresholding_ratio, sample_max_value, use_clipped_model_output, backend,
              variance_noise=None, philox_state=None, uncond_output=None, guidance_scale=1.0, guidance_rescale=0.0,
-             write_prev_sample=True, write_pred_original_sample=True):
+             write_prev_sample=True, write_pred_original_sample=True, process_group=None):
     """`ddim_step` without its checks, for callers that checked the same things already (the schedulers: the
     per-call cost of a step on small tensors is mostly Python). `table` may also be a host table as a list of
     rows (`step_table(...).tolist()`) for an int timestep on the torch path."""
-    if backend == "torch" or thresholding:
+    if backend == "torch":
         return reference.ddim_step(
             model_output, sample, table, timestep, eta=eta, prediction_type=prediction_type,
             clip_sample=clip_sample, clip_sample_range=clip_sample_range, thresholding=thresholding,
@@ -223,14 +236,18 @@ def dispatch(model_output, sample, table, timestep, *, eta, prediction_type, cli
             use_clipped_model_output=use_clipped_model_output, variance_noise=variance_noise,
             philox_state=philox_state, uncond_output=uncond_output, guidance_scale=guidance_scale,
             guidance_rescale=guidance_rescale, write_prev_sample=write_prev_sample,
-            write_pred_original_sample=write_pred_original_sample,
+            write_pred_original_sample=write_pred_original_sample, process_group=process_group,
         )
     if isinstance(timestep, torch.Tensor) and timestep.device != sample.device:
         timestep = timestep.to(sample.device)
     args = (model_output, sample, table, timestep if isinstance(timestep, torch.Tensor) else None,
             timestep if not isinstance(timestep, torch.Tensor) else 0, eta, prediction_type, bool(clip_sample),
             float(clip_sample_range), bool(use_clipped_model_output), variance_noise, philox_state, uncond_output,
-            float(guidance_scale), float(guidance_rescale))
+            float(guidance_scale), float(guidance_rescale), bool(thresholding), float(dynamic_thresholding_ratio),
+            float(sample_max_value))
+    if process_group is not None and thresholding:
+        return _triton_step(*args, write_prev_sample=write_prev_sample,
+                            write_pred_original_sample=write_pred_original_sample, process_group=process_group)
     if torch.compiler.is_compiling():
         # The custom op always returns both outputs (its schema has two tensors); drop the one not asked for.
         prev, x0 = _triton_step_op(*args)
@@ -241,13 +258,17 @@ def dispatch(model_output, sample, table, timestep, *, eta, prediction_type, cli
 
 def _triton_step(model_output, sample, table, timestep_tensor, timestep_value, eta, prediction_type, clip_sample,
                  clip_sample_range, use_clipped_model_output, variance_noise, philox_state, uncond_output,
-                 guidance_scale, guidance_rescale, write_prev_sample=True, write_pred_original_sample=True):
+                 guidance_scale, guidance_rescale, thresholding=False, dynamic_thresholding_ratio=0.995,
+                 sample_max_value=1.0, write_prev_sample=True, write_pred_original_sample=True, process_group=None):
     return _kernels.ddim_step(
         model_output, sample, table, timestep_tensor if timestep_tensor is not None else timestep_value, eta=eta,
         prediction_type=prediction_type, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
         use_clipped_model_output=use_clipped_model_output, variance_noise=variance_noise, philox_state=philox_state,
         uncond_output=uncond_output, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
         write_prev_sample=write_prev_sample, write_pred_original_sample=write_pred_original_sample,
+        thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+        sample_max_value=sample_max_value,
+        threshold_reduce=threshold.all_reduce_hook(process_group) if process_group is not None else None,
     )
 
 
@@ -256,17 +277,19 @@ def _triton_step_op(
     model_output: torch.Tensor, sample: torch.Tensor, table: torch.Tensor, timestep_tensor: torch.Tensor | None,
     timestep_value: int, eta: float, prediction_type: str, clip_sample: bool, clip_sample_range: float,
     use_clipped_model_output: bool, variance_noise: torch.Tensor | None, philox_state: torch.Tensor | None,
-    uncond_output: torch.Tensor | None, guidance_scale: float, guidance_rescale: float,
+    uncond_output: torch.Tensor | None, guidance_scale: float, guidance_rescale: float, thresholding: bool = False,
+    dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return _triton_step(model_output, sample, table, timestep_tensor, timestep_value, eta, prediction_type,
                         clip_sample, clip_sample_range, use_clipped_model_output, variance_noise, philox_state,
-                        uncond_output, guidance_scale, guidance_rescale)
+                        uncond_output, guidance_scale, guidance_rescale, thresholding, dynamic_thresholding_ratio,
+                        sample_max_value)
 
 
 @_triton_step_op.register_fake
 def _(model_output, sample, table, timestep_tensor, timestep_value, eta, prediction_type, clip_sample,
       clip_sample_range, use_clipped_model_output, variance_noise, philox_state, uncond_output, guidance_scale,
-      guidance_rescale):
+      guidance_rescale, thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0):
     from fastddim.kernels.ddim import allocate_outputs
 
     outputs, _, _ = allocate_outputs(model_output, sample, uncond_output, variance_noise, philox_state is not None)

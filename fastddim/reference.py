@@ -13,6 +13,7 @@ import array
 
 import torch
 
+from fastddim import threshold as _threshold
 from fastddim.schedule import (
     BETA_PREV, SQRT_ALPHA_PREV, SQRT_ALPHA_T, SQRT_BETA_T, VARIANCE, as_table, noise_scales,
 )
@@ -25,12 +26,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def threshold(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+def threshold(x0: torch.Tensor, ratio: float, max_value: float, process_group=None) -> torch.Tensor:
     """Dynamic thresholding (Imagen): per sample, s = clamp(quantile(|x0|, ratio), 1, max_value);
-    returns clamp(x0, -s, s) / s. `x0` is float32 or float64, with the batch as its first dimension."""
-    flat = x0.reshape(x0.shape[0], -1)
-    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
-    return (torch.clamp(flat, -s, s) / s).reshape(x0.shape)
+    returns clamp(x0, -s, s) / s. `x0` is float32 or float64, with the batch as its first dimension. s is
+    torch.quantile's, bit for bit, for any size (see fastddim.threshold); `process_group`: the samples are
+    sharded across its processes, s is that of the whole samples."""
+    return _threshold.threshold(x0, ratio, max_value, process_group)
 
 
 def guided_output(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float, guidance_rescale: float,
@@ -166,6 +167,7 @@ def ddim_step(
     guidance_rescale: float = 0.0,
     write_prev_sample: bool = True,
     write_pred_original_sample: bool = True,
+    process_group=None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """One DDIM step; returns `(prev_sample, pred_original_sample)` in the promoted dtype of the inputs (None for
     an output not asked for).
@@ -199,7 +201,7 @@ def ddim_step(
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
     if thresholding:
-        x0 = threshold(x0, dynamic_thresholding_ratio, sample_max_value)
+        x0 = threshold(x0, dynamic_thresholding_ratio, sample_max_value, process_group)
     elif clip_sample:
         if x0 is model_output:
             x0 = torch.clamp(x0, -clip_sample_range, clip_sample_range)

@@ -267,7 +267,7 @@ class _DDIMBase(SchedulerMixin):
 
     def _run_step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False,
                   variance_noise=None, philox_state=None, uncond_output=None, guidance_scale=1.0,
-                  guidance_rescale=0.0, thresholding=False, return_dict=True):
+                  guidance_rescale=0.0, thresholding=False, return_dict=True, process_group=None):
         if self.num_inference_steps is None:
             raise ValueError("num_inference_steps is not set: call set_timesteps(num_inference_steps) before step")
         ops.check_step_inputs(model_output, sample, variance_noise, uncond_output)
@@ -279,7 +279,8 @@ class _DDIMBase(SchedulerMixin):
                     f"eta={eta} is too large at timestep {timestep}: 1 - alpha_prev - eta^2 * variance < 0 "
                     "(diffusers would return NaN there); use eta <= 1"
                 )
-        backend = "torch" if thresholding else ops.select_backend(sample.device)
+        backend = ops.select_backend(sample.device)
+        process_group = process_group if thresholding else None
         host_row = isinstance(timestep, int) and backend == "torch"
         table = self._host_rows if host_row else self._table_on(sample.device)
         # Everything was checked above or at construction: skip ops.ddim_step's checks (a step on small
@@ -288,12 +289,13 @@ class _DDIMBase(SchedulerMixin):
             ops.dispatch, model_output, sample, table, timestep, eta=eta, thresholding=thresholding,
             use_clipped_model_output=use_clipped_model_output, uncond_output=uncond_output,
             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, backend=backend,
-            **self._config_step_options(),
+            process_group=process_group, **self._config_step_options(),
         )
         # The kernel skips pred_original_sample unless it is read (not under torch.compile or CUDA-graph capture,
-        # where the step must stay one static op).
+        # where the step must stay one static op, nor for a sharded thresholded step, whose collectives every
+        # process must run at the same time).
         lazy = (
-            backend == "triton" and return_dict and self.lazy_pred_original_sample and not thresholding
+            backend == "triton" and return_dict and self.lazy_pred_original_sample and process_group is None
             and not torch.compiler.is_compiling()
             and not (sample.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
         )
@@ -360,9 +362,18 @@ class DDIMScheduler(_DDIMBase):
         timestep_spacing (`str`, defaults to `"leading"`): `"leading"`, `"trailing"` or `"linspace"` (Table 2 of
             "Common Diffusion Noise Schedules and Sample Steps are Flawed").
         rescale_betas_zero_snr (`bool`, defaults to `False`): rescale the betas to zero terminal SNR.
+
+    Dynamic thresholding finds diffusers' threshold (torch.quantile of |x0|, clamped) bit for bit at any sample
+    size (torch.quantile stops at 2**24 elements). For samples sharded across processes (each holds the whole
+    batch and a part of every sample), set the attribute `threshold_process_group` (not a config key; `step`
+    keeps diffusers' signature) to the `torch.distributed` group holding the shards, or pass `process_group=` to
+    `guided_step`: the threshold is then that of the whole samples, identical on every process, and every
+    process must run each step.
     """
 
     _compatibles = list(KARRAS_DIFFUSION_SCHEDULERS)
+    # The torch.distributed group across which thresholded samples are sharded (None: not sharded).
+    threshold_process_group = None
 
     @register_to_config
     def __init__(
@@ -408,7 +419,8 @@ class DDIMScheduler(_DDIMBase):
     def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
         """Dynamic thresholding of a predicted x0 with this scheduler's settings (diffusers' helper)."""
         upcast = sample.to(reference.compute_dtype(sample.dtype))
-        out = reference.threshold(upcast, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+        out = reference.threshold(upcast, self.config.dynamic_thresholding_ratio, self.config.sample_max_value,
+                                  self.threshold_process_group)
         return out.to(sample.dtype)
 
     def step(
@@ -457,6 +469,7 @@ class DDIMScheduler(_DDIMBase):
         generator=None,
         variance_noise: torch.Tensor | None = None,
         return_dict: bool = True,
+        process_group=None,
     ) -> DDIMSchedulerOutput | tuple:
         """Classifier-free guidance fused into the step: `step` on the guided model output.
 
@@ -468,6 +481,8 @@ class DDIMScheduler(_DDIMBase):
             noise_pred_uncond (`torch.Tensor`): the model output without conditioning.
             noise_pred_cond (`torch.Tensor`): the model output with conditioning (diffusers' `noise_pred_text`).
             timestep, sample, eta, use_clipped_model_output, generator, variance_noise, return_dict: as in `step`.
+            process_group (`torch.distributed.ProcessGroup`, *optional*): with thresholding, the group across which
+                the samples are sharded (defaults to the attribute `threshold_process_group`).
             guidance_scale (`float`): the guidance weight (1 means no guidance).
             guidance_rescale (`float`, defaults to 0.0): the weight of the std-rescaled guidance, from
                 "Common Diffusion Noise Schedules and Sample Steps are Flawed" (section 3.4).
@@ -475,10 +490,11 @@ class DDIMScheduler(_DDIMBase):
         return self._noisy_step(noise_pred_cond, timestep, sample, eta, use_clipped_model_output, generator,
                                 variance_noise, return_dict, uncond_output=noise_pred_uncond,
                                 guidance_scale=ops.check_real("guidance_scale", guidance_scale),
-                                guidance_rescale=ops.check_real("guidance_rescale", guidance_rescale, minimum=0.0))
+                                guidance_rescale=ops.check_real("guidance_rescale", guidance_rescale, minimum=0.0),
+                                process_group=process_group)
 
     def _noisy_step(self, model_output, timestep, sample, eta, use_clipped_model_output, generator, variance_noise,
-                    return_dict, **guidance):
+                    return_dict, process_group=None, **guidance):
         eta = ops.check_eta(eta)
         if generator is not None and variance_noise is not None:
             raise ValueError("pass either generator or variance_noise, not both")
@@ -494,7 +510,8 @@ class DDIMScheduler(_DDIMBase):
                                           dtype=model_output.dtype)
         result = self._run_step(model_output, timestep, sample, eta, use_clipped_model_output, variance_noise,
                                 philox_state, thresholding=self.config.thresholding, return_dict=return_dict,
-                                **guidance)
+                                process_group=process_group if process_group is not None
+                                else self.threshold_process_group, **guidance)
         if philox_state is not None:
             generator.advance()
         return result

@@ -20,7 +20,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from fastddim.kernels import ddim  # noqa: E402
+from fastddim.kernels import ddim, threshold  # noqa: E402
 
 POINTER = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32", "fp64": "*fp64"}
 
@@ -54,12 +54,41 @@ def step_variants(stride: int = 7):
             "model_output_ptr": POINTER[dtype], "uncond_ptr": POINTER[dtype], "sample_ptr": POINTER[dtype],
             "noise_ptr": POINTER[dtype], "prev_ptr": POINTER[dtype], "x0_ptr": POINTER[dtype],
             "table_ptr": "*fp64", "timestep_ptr": "*i64", "rng_ptr": "*i64", "stats_ptr": "*fp64",
+            "threshold_ptr": "*fp64" if dtype == "fp64" else "*fp32",
         }
         constexprs = dict(PREDICTION=prediction, CLIP=clip, USE_CLIPPED=bool(i % 2), TIMESTEP_MODE=timestep_mode,
                           NOISE=noise, GUIDANCE=guidance, STRIDED=strided, INT64=bool(i % 3 == 0),
                           MATH_FP64=dtype == "fp64", WRITE_PREV=i % 5 != 1, WRITE_X0=i % 4 != 2,
-                          BLOCK=ddim.BLOCK_SIZE)
+                          THRESHOLD=i % 3 == 1, BLOCK=ddim.BLOCK_SIZE)
         yield types, constexprs
+
+
+def threshold_variants(stride: int = 5):
+    """(kernel, types, constexprs) covering every value of every constexpr of the thresholding kernels."""
+    dtypes = ["fp16", "bf16", "fp32", "fp64"]
+    combos = itertools.product(range(3), range(3), range(3), [False, True], [False, True], [False, True])
+    for i, (prediction, timestep_mode, guidance, strided, first, histogram) in enumerate(combos):
+        if i % stride:
+            continue
+        dtype = dtypes[i % len(dtypes)]
+        types = {
+            "model_output_ptr": POINTER[dtype], "uncond_ptr": POINTER[dtype], "sample_ptr": POINTER[dtype],
+            "table_ptr": "*fp64", "timestep_ptr": "*i64", "stats_ptr": "*fp64", "hist_ptr": "*i64",
+            "counts_ptr": "*i64", "extremes_ptr": "*i64", "state_ptr": "*i64",
+        }
+        constexprs = dict(PREDICTION=prediction, TIMESTEP_MODE=timestep_mode, GUIDANCE=guidance, STRIDED=strided,
+                          INT64=bool(i % 3 == 0), MATH_FP64=dtype == "fp64", FIRST=first, HISTOGRAM=histogram,
+                          NUM_BINS=threshold.NUM_BINS, BLOCK=threshold.PASS_BLOCK)
+        if dtype == "fp64":  # float64 bit patterns take 64-bit integers
+            types.update(window_lo="i64", window_hi="i64")
+        yield threshold._threshold_pass_kernel, types, constexprs
+    for math_fp64, first, select, last in itertools.product([False, True], repeat=4):
+        types = {"hist_ptr": "*i64", "counts_ptr": "*i64", "extremes_ptr": "*i64", "state_ptr": "*i64",
+                 "values_ptr": "*fp64" if math_fp64 else "*fp32"}
+        if math_fp64:
+            types["window_lo"] = "i64"
+        constexprs = dict(MATH_FP64=math_fp64, FIRST=first, SELECT=select, LAST=last, NUM_BINS=threshold.NUM_BINS)
+        yield threshold._threshold_select_kernel, types, constexprs
 
 
 def compile_all(targets=(GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)), stride: int = 7,
@@ -68,6 +97,7 @@ def compile_all(targets=(GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)), 
     jobs = [(ddim._ddim_step_kernel, types, constexprs) for types, constexprs in step_variants(stride)]
     jobs.append((ddim._guidance_stats_kernel, {"cond_ptr": "*fp16", "uncond_ptr": "*fp16", "sums_ptr": "*fp64"},
                  dict(BLOCK=ddim.STATS_BLOCK_SIZE)))
+    jobs.extend(threshold_variants(max(stride, 5)))
     count = 0
     for target in targets:
         for kernel, types, constexprs in jobs:

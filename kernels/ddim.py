@@ -66,11 +66,76 @@ def _divide(numerator, denominator, MATH_FP64: tl.constexpr):
         return tl.math.div_rn(numerator, denominator)
 
 
+@triton.jit
+def _step_coefficients(table_ptr, timestep_ptr, timestep, num_train_timesteps, eta, batch, mask,
+                       TIMESTEP_MODE: tl.constexpr):
+    """(sqrt_alpha_t, sqrt_beta_t, sqrt_alpha_prev, direction, std) in float64 for the timestep of each element:
+    the `timestep` argument (mode 0), timestep_ptr[0] (mode 1) or timestep_ptr[batch] (mode 2)."""
+    if TIMESTEP_MODE == 0:
+        t = timestep
+    elif TIMESTEP_MODE == 1:
+        t = tl.load(timestep_ptr)
+    else:
+        t = tl.load(timestep_ptr + batch, mask=mask, other=0)
+    # A timestep outside the table has no coefficients: its results are NaN, never a neighbour's numbers.
+    valid = (t >= 0) & (t < num_train_timesteps)
+    row = table_ptr + tl.where(valid, t, 0).to(tl.int64) * TABLE_ROW_WIDTH
+    nan = float("nan")
+    # Coefficients in float64 (columns as in fastddim.schedule), the eta terms as fastddim.schedule.noise_scales.
+    sqrt_alpha_t64 = tl.where(valid, tl.load(row + 0), nan)
+    sqrt_beta_t64 = tl.load(row + 1)
+    sqrt_alpha_prev64 = tl.where(valid, tl.load(row + 2), nan)
+    beta_prev64 = tl.load(row + 3)
+    variance64 = tl.load(row + 4)
+    std64 = tl.sqrt(variance64) * eta
+    radicand = beta_prev64 - std64 * std64
+    # Below zero is rounding when eta <= 1; with eta > 1 it is a true NaN, as in diffusers.
+    direction64 = tl.sqrt(tl.where(radicand < 0.0, tl.where(eta <= 1.0, 0.0, radicand), radicand))
+    return sqrt_alpha_t64, sqrt_beta_t64, sqrt_alpha_prev64, direction64, std64
+
+
+@triton.jit
+def _predicted_x0_eps(model_output_ptr, uncond_ptr, sample_ptr, stats_ptr, m_offsets, u_offsets, x_offsets,
+                      batch, mask, sqrt_alpha_t, sqrt_beta_t, guidance_scale_bits, guidance_rescale_bits,
+                      PREDICTION: tl.constexpr, GUIDANCE: tl.constexpr, MATH_FP64: tl.constexpr):
+    """(x0, eps, x) of each element in the math dtype, before clipping or thresholding: the loads of the model
+    output (guided when GUIDANCE != 0) and the sample, and the prediction-type algebra. Shared by the step
+    kernel and the thresholding passes (kernels/threshold.py), so both see the same x0 bit for bit."""
+    if MATH_FP64:
+        math_dtype = tl.float64
+    else:
+        math_dtype = tl.float32
+    m = tl.load(model_output_ptr + m_offsets, mask=mask).to(math_dtype)
+    x = tl.load(sample_ptr + x_offsets, mask=mask).to(math_dtype)
+    if GUIDANCE != 0:
+        # model_output holds the conditional prediction, uncond the unconditional one.
+        u = tl.load(uncond_ptr + u_offsets, mask=mask).to(math_dtype)
+        m = u + _float64(guidance_scale_bits).to(math_dtype) * (m - u)
+        if GUIDANCE == 2:
+            stats = stats_ptr + batch * 2
+            std_cond = tl.load(stats, mask=mask, other=1.0)
+            std_cfg = tl.load(stats + 1, mask=mask, other=1.0)
+            rescaled = m * (std_cond / std_cfg).to(math_dtype)
+            rescale = _float64(guidance_rescale_bits).to(math_dtype)
+            m = rescale * rescaled + (1.0 - rescale) * m
+
+    if PREDICTION == 0:
+        x0 = _divide(x - sqrt_beta_t * m, sqrt_alpha_t, MATH_FP64)
+        eps = m
+    elif PREDICTION == 1:
+        x0 = m
+        eps = _divide(x - sqrt_alpha_t * m, sqrt_beta_t, MATH_FP64)
+    else:
+        x0 = sqrt_alpha_t * x - sqrt_beta_t * m
+        eps = sqrt_alpha_t * m + sqrt_beta_t * x
+    return x0, eps, x
+
+
 @triton.jit(do_not_specialize=["timestep", "eta_bits", "clip_range_bits", "guidance_scale_bits",
                                "guidance_rescale_bits"])
 def _ddim_step_kernel(
     model_output_ptr, uncond_ptr, sample_ptr, noise_ptr, prev_ptr, x0_ptr,
-    table_ptr, timestep_ptr, rng_ptr, stats_ptr,
+    table_ptr, timestep_ptr, rng_ptr, stats_ptr, threshold_ptr,
     timestep, num_train_timesteps,
     eta_bits, clip_range_bits, guidance_scale_bits, guidance_rescale_bits,
     n_elements, batch_stride,
@@ -90,6 +155,7 @@ def _ddim_step_kernel(
     MATH_FP64: tl.constexpr,
     WRITE_PREV: tl.constexpr,
     WRITE_X0: tl.constexpr,  # False when the caller computes pred_original_sample only if it is read
+    THRESHOLD: tl.constexpr,  # clamp/divide x0 by the per-sample threshold_ptr[batch] (precedes CLIP)
     BLOCK: tl.constexpr,
 ):
     eta = _float64(eta_bits)
@@ -125,26 +191,8 @@ def _ddim_step_kernel(
         batch = offsets // batch_stride
         logical = offsets
 
-    if TIMESTEP_MODE == 0:
-        t = timestep
-    elif TIMESTEP_MODE == 1:
-        t = tl.load(timestep_ptr)
-    else:
-        t = tl.load(timestep_ptr + batch, mask=mask, other=0)
-    # A timestep outside the table has no coefficients: its results are NaN, never a neighbour's numbers.
-    valid = (t >= 0) & (t < num_train_timesteps)
-    row = table_ptr + tl.where(valid, t, 0).to(tl.int64) * TABLE_ROW_WIDTH
-    nan = float("nan")
-    # Coefficients in float64 (columns as in fastddim.schedule), the eta terms as fastddim.schedule.noise_scales.
-    sqrt_alpha_t64 = tl.where(valid, tl.load(row + 0), nan)
-    sqrt_beta_t64 = tl.load(row + 1)
-    sqrt_alpha_prev64 = tl.where(valid, tl.load(row + 2), nan)
-    beta_prev64 = tl.load(row + 3)
-    variance64 = tl.load(row + 4)
-    std64 = tl.sqrt(variance64) * eta
-    radicand = beta_prev64 - std64 * std64
-    # Below zero is rounding when eta <= 1; with eta > 1 it is a true NaN, as in diffusers.
-    direction64 = tl.sqrt(tl.where(radicand < 0.0, tl.where(eta <= 1.0, 0.0, radicand), radicand))
+    sqrt_alpha_t64, sqrt_beta_t64, sqrt_alpha_prev64, direction64, std64 = _step_coefficients(
+        table_ptr, timestep_ptr, timestep, num_train_timesteps, eta, batch, mask, TIMESTEP_MODE)
 
     if MATH_FP64:
         math_dtype = tl.float64
@@ -155,31 +203,19 @@ def _ddim_step_kernel(
     sqrt_alpha_prev = sqrt_alpha_prev64.to(math_dtype)
     direction = direction64.to(math_dtype)
 
-    m = tl.load(model_output_ptr + m_offsets, mask=mask).to(math_dtype)
-    x = tl.load(sample_ptr + x_offsets, mask=mask).to(math_dtype)
-    if GUIDANCE != 0:
-        # model_output holds the conditional prediction, uncond the unconditional one.
-        u = tl.load(uncond_ptr + u_offsets, mask=mask).to(math_dtype)
-        m = u + _float64(guidance_scale_bits).to(math_dtype) * (m - u)
-        if GUIDANCE == 2:
-            stats = stats_ptr + batch * 2
-            std_cond = tl.load(stats, mask=mask, other=1.0)
-            std_cfg = tl.load(stats + 1, mask=mask, other=1.0)
-            rescaled = m * (std_cond / std_cfg).to(math_dtype)
-            rescale = _float64(guidance_rescale_bits).to(math_dtype)
-            m = rescale * rescaled + (1.0 - rescale) * m
+    x0, eps, x = _predicted_x0_eps(model_output_ptr, uncond_ptr, sample_ptr, stats_ptr, m_offsets, u_offsets,
+                                   x_offsets, batch, mask, sqrt_alpha_t, sqrt_beta_t, guidance_scale_bits,
+                                   guidance_rescale_bits, PREDICTION, GUIDANCE, MATH_FP64)
 
-    if PREDICTION == 0:
-        x0 = _divide(x - sqrt_beta_t * m, sqrt_alpha_t, MATH_FP64)
-        eps = m
-    elif PREDICTION == 1:
-        x0 = m
-        eps = _divide(x - sqrt_alpha_t * m, sqrt_beta_t, MATH_FP64)
-    else:
-        x0 = sqrt_alpha_t * x - sqrt_beta_t * m
-        eps = sqrt_alpha_t * m + sqrt_beta_t * x
-
-    if CLIP:
+    if THRESHOLD:
+        # s >= 1 from kernels/threshold.py (or NaN, which makes the whole sample NaN, as in torch):
+        # clamp(x0, -s, s) / s, the IEEE division as torch's. (tl.clamp(x0, -s, s) with a tensor s lowers to an
+        # LLVM intrinsic the NVPTX backend lacks; maximum-then-minimum is the same clamp since -s <= s.)
+        s = tl.load(threshold_ptr + batch, mask=mask, other=1.0).to(math_dtype)
+        clamped = tl.minimum(tl.maximum(x0, -s, propagate_nan=tl.PropagateNan.ALL), s,
+                             propagate_nan=tl.PropagateNan.ALL)
+        x0 = _divide(clamped, s, MATH_FP64)
+    elif CLIP:
         limit = _float64(clip_range_bits).to(math_dtype)
         x0 = tl.clamp(x0, -limit, limit, propagate_nan=tl.PropagateNan.ALL)
 
@@ -338,6 +374,10 @@ def ddim_step(
     guidance_rescale: float = 0.0,
     write_prev_sample: bool = True,
     write_pred_original_sample: bool = True,
+    thresholding: bool = False,
+    dynamic_thresholding_ratio: float = 0.995,
+    sample_max_value: float = 1.0,
+    threshold_reduce=None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Fused DDIM step on the Triton kernel; returns `(prev_sample, pred_original_sample)`.
 
@@ -360,6 +400,11 @@ def ddim_step(
             `rescale_noise_cfg` when guidance_rescale > 0.
         write_prev_sample, write_pred_original_sample: which outputs to write (an output not written is None):
             skipping pred_original_sample saves a quarter of the step's memory traffic.
+        thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding of x0 (takes
+            precedence over clipping): the per-sample threshold is found exactly by the radix-select passes of
+            `kernels/threshold.py` (which read the inputs again, never a stored x0), then applied in this step.
+        threshold_reduce: for a sample sharded across processes, `reduce(tensor, op)` all-reduces ("sum" or
+            "max") the threshold's per-sample counts in place (see `kernels.threshold.threshold_scale`).
     """
     table, timestep = as_table(table, timestep)
     (prev, x0), shared_dense, inputs = allocate_outputs(model_output, sample, uncond_output, variance_noise,
@@ -371,6 +416,13 @@ def ddim_step(
     inputs = [t for t in inputs if t is not None]
     n_elements = sample.numel()
     if n_elements == 0:
+        if thresholding and threshold_reduce is not None:
+            # An empty shard still takes part in the collectives of the other shards' thresholds.
+            from .threshold import sample_thresholds
+
+            sample_thresholds(model_output, sample, table, timestep, prediction_type, dynamic_thresholding_ratio,
+                              sample_max_value, uncond_output, guidance_scale, guidance_rescale,
+                              reduce=threshold_reduce)
         return prev, x0
 
     def strides_of(tensor):
@@ -396,12 +448,23 @@ def ddim_step(
             guidance_mode = GUIDANCE_RESCALED
             stats = guidance_std_ratio(model_output, uncond_output, guidance_scale)
     int64 = needs_int64(n_elements, inputs)
+    math_fp64 = out_dtype == torch.float64
+    threshold = table
+    if thresholding:
+        from .threshold import threshold_scale  # threshold.py builds on this module's helpers
+
+        threshold = threshold_scale(
+            model_output, sample, table, timestep_arg, timestep_ptr, timestep_mode, prediction_type,
+            dynamic_thresholding_ratio, sample_max_value, uncond_output=uncond_output, guidance_mode=guidance_mode,
+            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, stats=stats,
+            shared_dense=shared_dense, int64=int64, math_fp64=math_fp64, reduce=threshold_reduce,
+        )
     grid = (triton.cdiv(n_elements, BLOCK_SIZE),)
     _ddim_step_kernel[grid](
         model_output, uncond_output if uncond_output is not None else sample, sample,
         variance_noise if variance_noise is not None else sample, prev if prev is not None else x0,
         x0 if x0 is not None else prev,
-        table, timestep_ptr, philox_state if philox_state is not None else table, stats,
+        table, timestep_ptr, philox_state if philox_state is not None else table, stats, threshold,
         timestep_arg, table.shape[0], float64_bits(eta), float64_bits(clip_sample_range),
         float64_bits(guidance_scale), float64_bits(guidance_rescale),
         n_elements, sample.stride(0) if shared_dense and batch > 1 else n_elements,
@@ -415,9 +478,10 @@ def ddim_step(
         GUIDANCE=guidance_mode,
         STRIDED=not shared_dense,
         INT64=int64,
-        MATH_FP64=out_dtype == torch.float64,
+        MATH_FP64=math_fp64,
         WRITE_PREV=prev is not None,
         WRITE_X0=x0 is not None,
+        THRESHOLD=bool(thresholding),
         BLOCK=BLOCK_SIZE,
     )
     return prev, x0

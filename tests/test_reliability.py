@@ -92,10 +92,11 @@ def make_tensor(shape, dtype, layout, generator, scale=1.0):
     return values.to(dtype).to(DEVICE)
 
 
-def error_bound(truth, x, m, divisor, dtype):
+def error_bound(truth, x, m, divisor, dtype, output_rounding=1.0):
     math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     inputs = x.abs().max().item() + m.abs().max().item()
-    return UNIT_ROUNDOFF[dtype] * truth.abs().max().item() + 16 * UNIT_ROUNDOFF[math_dtype] * inputs / divisor
+    return (output_rounding * UNIT_ROUNDOFF[dtype] * truth.abs().max().item()
+            + 16 * UNIT_ROUNDOFF[math_dtype] * inputs / divisor)
 
 
 @given(config=configurations(), inputs=step_inputs(), num_inference_steps=st.integers(1, 30),
@@ -135,10 +136,13 @@ def test_fuzz_step_against_float64_truth_and_diffusers(backend, config, inputs, 
     divisor = min(divisors)
     if config["thresholding"]:
         divisor /= config["sample_max_value"]  # x0 is divided by s <= sample_max_value, after rounding
+    # Known interpreter-only defect (see test_kernels.py): Triton's interpreter truncates float32 -> bfloat16
+    # stores, up to one ulp (twice the unit roundoff) where GPUs round to nearest.
+    output_rounding = 2.0 if dtype == torch.bfloat16 and backend == "triton" and kernels.INTERPRETED else 1.0
     for got, truth in ((out.prev_sample, truth_prev), (out.pred_original_sample, truth_x0)):
         assert got.dtype == dtype and got.shape == sample.shape
         error = (got.cpu().double() - truth).abs().max().item()
-        assert error <= error_bound(truth, sample.cpu(), model_output.cpu(), divisor, dtype)
+        assert error <= error_bound(truth, sample.cpu(), model_output.cpu(), divisor, dtype, output_rounding)
 
     if dtype in (torch.float32, torch.float64):  # diffusers rounds every intermediate: compare where that is small
         reference = theirs.step(model_output.cpu(), t, sample.cpu(), eta=eta, use_clipped_model_output=use_clipped,

@@ -426,8 +426,8 @@ FORWARD_CASES = [
 
 def mark_known_core_bugs(request, backend: str, dtype: torch.dtype, config: dict) -> None:
     """Strict xfail for a Triton-kernel defect these tests found. It applies only where a step runs the kernel
-    (thresholded steps take the torch path on every backend), in Triton's interpreter."""
-    if backend != "triton" or config.get("thresholding", False):
+    (thresholded steps included), in Triton's interpreter."""
+    if backend != "triton":
         return
     if dtype == torch.bfloat16 and kernels_interpreted():
         request.applymarker(pytest.mark.xfail(strict=True, raises=AccuracyShortfall, reason=(
