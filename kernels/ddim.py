@@ -50,6 +50,23 @@ def _standard_normal(seed, counter, index):
 
 
 @triton.jit
+def _unravel(index, size_2, size_3, size_4):
+    """(i1, i2, i3, i4) of a row-major index into (*, size_2, size_3, size_4): i1 is left unbounded, so a caller
+    that unravels a whole tensor splits it further into (batch, i1)."""
+    i4 = index % size_4
+    rest = index // size_4
+    i3 = rest % size_3
+    rest = rest // size_3
+    i2 = rest % size_2
+    return rest // size_2, i2, i3, i4
+
+
+@triton.jit
+def _strided_offset(batch, i1, i2, i3, i4, stride_0, stride_1, stride_2, stride_3, stride_4):
+    return batch * stride_0 + i1 * stride_1 + i2 * stride_2 + i3 * stride_3 + i4 * stride_4
+
+
+@triton.jit
 def _float64(bits):
     """A float64 scalar passed as its int64 bit pattern: Triton hands Python floats to kernels as float32 (and
     its interpreter ignores float64 annotations), which would round eta or a clip range for float64 outputs."""
@@ -168,18 +185,13 @@ def _ddim_step_kernel(
 
     if STRIDED:
         # Logical index (i0, ..., i4) of each element, then each input's own strides; outputs are contiguous.
-        i4 = offsets % size_4
-        rest = offsets // size_4
-        i3 = rest % size_3
-        rest = rest // size_3
-        i2 = rest % size_2
-        rest = rest // size_2
+        rest, i2, i3, i4 = _unravel(offsets, size_2, size_3, size_4)
         i1 = rest % size_1
         batch = rest // size_1
-        m_offsets = batch * m_stride_0 + i1 * m_stride_1 + i2 * m_stride_2 + i3 * m_stride_3 + i4 * m_stride_4
-        u_offsets = batch * u_stride_0 + i1 * u_stride_1 + i2 * u_stride_2 + i3 * u_stride_3 + i4 * u_stride_4
-        x_offsets = batch * x_stride_0 + i1 * x_stride_1 + i2 * x_stride_2 + i3 * x_stride_3 + i4 * x_stride_4
-        n_offsets = batch * n_stride_0 + i1 * n_stride_1 + i2 * n_stride_2 + i3 * n_stride_3 + i4 * n_stride_4
+        m_offsets = _strided_offset(batch, i1, i2, i3, i4, m_stride_0, m_stride_1, m_stride_2, m_stride_3, m_stride_4)
+        u_offsets = _strided_offset(batch, i1, i2, i3, i4, u_stride_0, u_stride_1, u_stride_2, u_stride_3, u_stride_4)
+        x_offsets = _strided_offset(batch, i1, i2, i3, i4, x_stride_0, x_stride_1, x_stride_2, x_stride_3, x_stride_4)
+        n_offsets = _strided_offset(batch, i1, i2, i3, i4, n_stride_0, n_stride_1, n_stride_2, n_stride_3, n_stride_4)
         logical = offsets
     else:
         m_offsets = offsets
@@ -252,14 +264,9 @@ def _guidance_stats_kernel(
     chunk = tl.program_id(1)
     within = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = within < per_sample
-    i4 = within % size_4
-    rest = within // size_4
-    i3 = rest % size_3
-    rest = rest // size_3
-    i2 = rest % size_2
-    i1 = rest // size_2
-    c_offsets = batch * c_stride_0 + i1 * c_stride_1 + i2 * c_stride_2 + i3 * c_stride_3 + i4 * c_stride_4
-    u_offsets = batch * u_stride_0 + i1 * u_stride_1 + i2 * u_stride_2 + i3 * u_stride_3 + i4 * u_stride_4
+    i1, i2, i3, i4 = _unravel(within, size_2, size_3, size_4)
+    c_offsets = _strided_offset(batch, i1, i2, i3, i4, c_stride_0, c_stride_1, c_stride_2, c_stride_3, c_stride_4)
+    u_offsets = _strided_offset(batch, i1, i2, i3, i4, u_stride_0, u_stride_1, u_stride_2, u_stride_3, u_stride_4)
     c = tl.load(cond_ptr + c_offsets, mask=mask, other=0.0).to(tl.float64)
     u = tl.load(uncond_ptr + u_offsets, mask=mask, other=0.0).to(tl.float64)
     cfg = u + _float64(guidance_scale_bits) * (c - u)

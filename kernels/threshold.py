@@ -41,7 +41,8 @@ from fastddim.threshold import radix_levels, window_bits
 
 from .ddim import (
     BLOCK_SIZE, GUIDANCE_CFG, GUIDANCE_NONE, GUIDANCE_RESCALED, PREDICTION_CODES, TIMESTEP_PER_SAMPLE,
-    TIMESTEP_SCALAR, TIMESTEP_TENSOR, _padded, _predicted_x0_eps, _step_coefficients, allocate_outputs,
+    TIMESTEP_SCALAR, TIMESTEP_TENSOR, _padded, _predicted_x0_eps, _step_coefficients, _strided_offset, _unravel,
+    allocate_outputs,
     float64_bits, guidance_std_ratio, needs_int64,
 )
 
@@ -158,15 +159,10 @@ def _threshold_pass_kernel(
         mask = within < per_sample
         batch = b + within * 0
         if STRIDED:
-            i4 = within % size_4
-            rest = within // size_4
-            i3 = rest % size_3
-            rest = rest // size_3
-            i2 = rest % size_2
-            i1 = rest // size_2
-            m_offsets = b * m_stride_0 + i1 * m_stride_1 + i2 * m_stride_2 + i3 * m_stride_3 + i4 * m_stride_4
-            u_offsets = b * u_stride_0 + i1 * u_stride_1 + i2 * u_stride_2 + i3 * u_stride_3 + i4 * u_stride_4
-            x_offsets = b * x_stride_0 + i1 * x_stride_1 + i2 * x_stride_2 + i3 * x_stride_3 + i4 * x_stride_4
+            i1, i2, i3, i4 = _unravel(within, size_2, size_3, size_4)
+            m_offsets = _strided_offset(b, i1, i2, i3, i4, m_stride_0, m_stride_1, m_stride_2, m_stride_3, m_stride_4)
+            u_offsets = _strided_offset(b, i1, i2, i3, i4, u_stride_0, u_stride_1, u_stride_2, u_stride_3, u_stride_4)
+            x_offsets = _strided_offset(b, i1, i2, i3, i4, x_stride_0, x_stride_1, x_stride_2, x_stride_3, x_stride_4)
         else:
             # A dense layout with the batch outermost: each sample fills one span of memory (in any order).
             m_offsets = b * batch_stride + within
