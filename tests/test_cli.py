@@ -240,23 +240,71 @@ def diffusers_images(unet_dir, scheduler_dir, seed, steps, eta, batch):
 
 
 def assert_same_images(ours: np.ndarray, theirs: np.ndarray):
+    """Images of a short run (a few steps): fastddim's and diffusers' steps differ by float32 rounding, which an
+    8-bit value shows only where x * 255 lands within that rounding of .5. (Over many steps a model can amplify
+    those differences into different images: README claims, and these tests check, short runs only.)"""
     assert ours.shape == theirs.shape
     # Saturated pixels would agree whatever the sampler did: most must not be.
     assert ((theirs > 0) & (theirs < 255)).mean() > 0.5
-    # fastddim's step differs from diffusers' by float32 rounding; an 8-bit value may flip where x * 255 lands
-    # within that rounding of .5.
     difference = np.abs(ours.astype(int) - theirs.astype(int))
     assert difference.max() <= 1
     assert (difference > 0).mean() < 0.01
 
 
+def record_scheduler_steps(monkeypatch) -> list:
+    """Record every fastddim DDIMScheduler.step call the command makes: (config, num_inference_steps, inputs,
+    keyword arguments, the generator's state before the call, prev_sample)."""
+    import fastddim
+
+    calls = []
+    step = fastddim.DDIMScheduler.step
+
+    def recording_step(self, model_output, timestep, sample, **kwargs):
+        generator = kwargs.get("generator")
+        state = generator.get_state() if generator is not None else None
+        output = step(self, model_output, timestep, sample, **kwargs)
+        calls.append((dict(self.config), self.num_inference_steps, model_output.clone(), timestep, sample.clone(),
+                      kwargs, state, output.prev_sample.clone()))
+        return output
+
+    monkeypatch.setattr(fastddim.DDIMScheduler, "step", recording_step)
+    return calls
+
+
+def assert_each_step_matches_diffusers(calls):
+    """Every recorded step against diffusers' DDIMScheduler.step formulas, evaluated in float64 on the very same
+    inputs and noise (test_scheduler's oracle): within float32 rounding (conftest's float32 tolerance plus two
+    float32 ulps of the step's largest intermediate). diffusers' own float32 result is not the reference: where
+    its formulas cancel (sqrt(1 - alpha_prev - std^2) at eta = 1 near t = T) its rounding is far larger."""
+    from diffusers.utils.torch_utils import randn_tensor
+    from test_scheduler import assert_close_to_truth, float32_slack, step_truth
+
+    assert calls
+    config, num_inference_steps = calls[0][0], calls[0][1]
+    theirs = diffusers.DDIMScheduler.from_config(config)
+    theirs.set_timesteps(num_inference_steps)
+    for index, (_, _, model_output, timestep, sample, kwargs, state, prev_sample) in enumerate(calls):
+        eta, noise = kwargs.get("eta", 0.0), None
+        if eta > 0:  # the draw diffusers' step makes with the same generator state
+            noise = randn_tensor(model_output.shape, generator=torch.Generator().set_state(state),
+                                 dtype=model_output.dtype)
+        truth, _ = step_truth(theirs, timestep, model_output, sample, eta, noise)
+        allowance = 2 * float32_slack(theirs, timestep, model_output, sample, noise)
+        assert_close_to_truth(prev_sample, truth, torch.float32, f"step {index} (t={int(timestep)})", allowance)
+
+
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_pipeline_directory_samples_like_diffusers(pipeline_dir, tmp_path, capsys, eta):
+def test_pipeline_directory_samples_like_diffusers(pipeline_dir, tmp_path, capsys, monkeypatch, eta):
+    """Each step of the command's run agrees with diffusers' step formulas on identical inputs, and the images
+    of this short run (4 steps) match diffusers' own DDIMPipeline with the same seed."""
     output = tmp_path / "pipe.png"
+    calls = record_scheduler_steps(monkeypatch)
     status, out, err = run_cli(capsys, "sample", "--pipeline", pipeline_dir, "--steps", 4, "-n", 3, "--eta", eta,
                                "--seed", 3, "--scale", 1, "-o", output)
     assert status == 0, err
     assert "DDIMPipeline" in out and "linspace spacing" in out
+    assert len(calls) == 4
+    assert_each_step_matches_diffusers(calls)
     ours = tiles(read_png(output), 3, 8, 8)
     theirs = diffusers_images(pipeline_dir / "unet", pipeline_dir / "scheduler", seed=3, steps=4, eta=eta, batch=3)
     assert_same_images(ours, theirs)
