@@ -462,8 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated step counts S (default 10,20,50,100,1000)")
     paper.add_argument("--etas", type=_eta_list, default=(0.0, 0.2, 0.5, 1.0), metavar="ETA,ETA,...",
                        help="comma-separated etas (default 0,0.2,0.5,1)")
-    paper.add_argument("--samples", type=_positive_int, default=2000, metavar="N",
-                       help="samples per table cell (default 2000)")
+    paper.add_argument("--samples", type=_positive_int, default=4000, metavar="N",
+                       help="samples per table cell (default 4000)")
     paper.add_argument("--dim", type=_positive_int, default=16, metavar="D",
                        help="dimension of the mixture (default 16)")
     paper.add_argument("--seed", type=_seed, default=0, metavar="N", help="random seed (default 0)")
