@@ -142,6 +142,13 @@ def test_sample_reports_what_it_did(tmp_path, capsys):
     assert str(tmp_path / "s.png") in out
 
 
+def test_sample_report_counts_in_the_singular(tmp_path, capsys):
+    status, out, _ = run_cli(capsys, "sample", "--steps", 1, "-n", 1, "-o", tmp_path / "s.png")
+    assert status == 0
+    assert "1 sample of shape" in out and "1 step," in out and "(1 column," in out
+    assert "1 steps" not in out and "1 samples" not in out and "1 columns" not in out
+
+
 def test_sample_backend_follows_fastddim_backend(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FASTDDIM_BACKEND", "torch")
     status, out, _ = run_cli(capsys, "sample", "--steps", 2, "-n", 1, "-o", tmp_path / "s.png")
