@@ -148,12 +148,12 @@ def test_fuzz_step_against_float64_truth_and_diffusers(backend, config, inputs, 
         reference = theirs.step(model_output.cpu(), t, sample.cpu(), eta=eta, use_clipped_model_output=use_clipped,
                                 variance_noise=None if noise is None else noise.cpu())
         bound = 4 * error_bound(truth_prev, sample.cpu(), model_output.cpu(), divisor, torch.float32)
-        if reference.prev_sample.isnan().any() and not truth_prev.isnan().any():
-            # diffusers' float32 rounding makes sqrt(1 - alpha_prev - std^2) NaN where it is exactly 0
-            # (zero terminal SNR at eta = 1): fastddim returns the true value there (README).
-            assert alpha_t == 0.0
-        else:
-            assert (out.prev_sample.cpu() - reference.prev_sample).abs().max().item() <= bound
+        # Where the exact radicand 1 - alpha_prev - std^2 is 0 or nearly so (zero terminal SNR, or a tiny alpha_t,
+        # at eta = 1), diffusers' float32 rounding can make it negative and its result NaN, depending on the CPU;
+        # fastddim's result was checked against the truth above, so the comparison covers diffusers' finite entries.
+        finite = torch.isfinite(reference.prev_sample)
+        difference = (out.prev_sample.cpu() - reference.prev_sample)[finite]
+        assert difference.numel() == 0 or difference.abs().max().item() <= bound
 
 
 @given(inputs=step_inputs(), num_inference_steps=st.integers(1, 30), prediction_type=st.sampled_from(
