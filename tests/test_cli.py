@@ -502,6 +502,18 @@ def test_paper_table2_inversion_error_falls_with_steps(paper_results):
     assert mse[2] < mse[0] / 10
 
 
+def test_line_plot_draws_a_dashed_series_dashed_in_the_legend_too(tmp_path):
+    path = tmp_path / "plot.png"
+    paper.line_plot(str(path), {"a": ([1, 10], [1.0, 2.0]), "level": ([1, 10], [1.5, 1.5])}, title="t",
+                    xlabel="x", ylabel="y", logx=True, dashed={"level"})
+    pixels = read_png(path).astype(int)
+    # Legend entries: a 25-pixel line from x = 720 - 20 - 150 at y = 40 + 10 + 18 * index (see line_plot).
+    solid, dashed = (pixels[50 + 18 * index, 550:575] for index in (0, 1))
+    coloured = (lambda row: (row.max(axis=1) - row.min(axis=1)) > 100)  # noqa: E731
+    assert coloured(solid).all()
+    assert coloured(dashed).any() and not coloured(dashed).all()
+
+
 def test_line_plot_leaves_out_values_a_log_axis_cannot_show(tmp_path):
     path = tmp_path / "plot.png"
     paper.line_plot(str(path), {"a": ([1, 10, 100], [1e-3, 0.0, 1e-5]), "b": ([1, 10, 100], [2, 3, float("nan")])},
