@@ -144,16 +144,17 @@ def test_fuzz_step_against_float64_truth_and_diffusers(backend, config, inputs, 
         error = (got.cpu().double() - truth).abs().max().item()
         assert error <= error_bound(truth, sample.cpu(), model_output.cpu(), divisor, dtype, output_rounding)
 
-    if dtype in (torch.float32, torch.float64):  # diffusers rounds every intermediate: compare where that is small
+    # diffusers rounds every intermediate: compare where that is small. At eta > 0 its float32 radicand
+    # 1 - alpha_prev - std^2 carries an absolute error of about 1e-7, which its square root magnifies beyond the bound
+    # where the exact radicand is tiny (zero terminal SNR, or a tiny alpha_t, at eta = 1), and can turn negative
+    # (NaN) there, depending on the CPU: no comparison there (fastddim's result was checked against the truth above).
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    well_conditioned = eta == 0 or 1 - alpha_prev - eta * eta * variance > 1e-2
+    if dtype in (torch.float32, torch.float64) and well_conditioned:
         reference = theirs.step(model_output.cpu(), t, sample.cpu(), eta=eta, use_clipped_model_output=use_clipped,
                                 variance_noise=None if noise is None else noise.cpu())
         bound = 4 * error_bound(truth_prev, sample.cpu(), model_output.cpu(), divisor, torch.float32)
-        if reference.prev_sample.isnan().any() and not truth_prev.isnan().any():
-            # diffusers' float32 rounding makes sqrt(1 - alpha_prev - std^2) NaN where it is exactly 0
-            # (zero terminal SNR at eta = 1): fastddim returns the true value there (README).
-            assert alpha_t == 0.0
-        else:
-            assert (out.prev_sample.cpu() - reference.prev_sample).abs().max().item() <= bound
+        assert (out.prev_sample.cpu() - reference.prev_sample).abs().max().item() <= bound
 
 
 @given(inputs=step_inputs(), num_inference_steps=st.integers(1, 30), prediction_type=st.sampled_from(
