@@ -32,7 +32,7 @@ from diffusers.pipelines.deprecated.stable_diffusion_variants.pipeline_stable_di
 from diffusers.utils.torch_utils import randn_tensor
 
 import fastddim
-from conftest import TOLERANCES, truth_alphas, truth_step
+from conftest import TOLERANCES, max_error_ratio, truth_alphas, truth_step
 
 NUM_INFERENCE_STEPS = 4
 BATCH_SIZE = 2
@@ -490,6 +490,25 @@ def test_batch_step_no_noise_matches_diffusers_off_the_grid(config_name, use_cli
     step = ours.step(model_output, timesteps, sample, use_clipped_model_output=use_clipped_model_output)
     same = (timesteps >= 100) | (float(ours.final_alpha_cumprod) == 1.0)
     assert torch.equal(got[same], step.prev_sample[same])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_batch_step_no_noise_half_precision_rounds_once(dtype, backend):
+    """Half-precision inputs give a result of their dtype within about one ulp of the float64 truth (diffusers
+    returns float32 here: its per-sample float32 coefficients promote the batch; fastddim keeps its rule that
+    outputs have the inputs' dtype, as `step` has in both libraries)."""
+    scheduler = fastddim.DDIMParallelScheduler(**SD_SCHEDULER)
+    scheduler.set_timesteps(10)
+    timesteps = torch.tensor([901, 501, 101, 1])
+    generator = torch.Generator().manual_seed(6)
+    model_output = torch.randn(4, 4, 6, 6, generator=generator).to(dtype)
+    sample = torch.randn(4, 4, 6, 6, generator=generator).to(dtype)
+    got = scheduler.batch_step_no_noise(model_output, timesteps, sample)
+    assert got.dtype == dtype
+    arguments = dict(model_output=model_output, timesteps=timesteps, sample=sample)
+    (truth,), _ = step_truth(diffusers.DDIMParallelScheduler(**SD_SCHEDULER), Call("batch_step_no_noise", arguments,
+                                                                                   None, 10, ()))
+    assert max_error_ratio(got, truth, dtype) <= 1
 
 
 def test_batch_step_no_noise_boundary_differs_from_step_as_in_diffusers():
