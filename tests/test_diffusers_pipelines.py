@@ -10,6 +10,7 @@ Every pipeline is built from configs with tiny randomly initialised components (
 2. with fastddim's schedulers assigned to the pipeline (`from_config` of diffusers' configs), for the same few
    steps: the final images must match diffusers' within float32 rounding amplified along the run.
 Both on the torch path and on the Triton kernels (under the interpreter without a GPU): the `backend` fixture.
+Everything runs on conftest's DEVICE (the GPU where there is one, with TF32 off so rounding stays float32's).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from diffusers.pipelines.deprecated.stable_diffusion_variants.pipeline_stable_di
 from diffusers.utils.torch_utils import randn_tensor
 
 import fastddim
-from conftest import TOLERANCES, max_error_ratio, truth_alphas, truth_step
+from conftest import DEVICE, TOLERANCES, max_error_ratio, truth_alphas, truth_step
 
 NUM_INFERENCE_STEPS = 4
 BATCH_SIZE = 2
@@ -92,17 +93,17 @@ def stable_diffusion(pipeline_class, unet_in_channels: int = 4, **extra):
     components = dict(vae=tiny_vae(), text_encoder=None, tokenizer=None, unet=tiny_condition_unet(unet_in_channels),
                       scheduler=diffusers.DDIMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
                       requires_safety_checker=False)
-    pipe = pipeline_class(**components, **extra)
+    pipe = pipeline_class(**components, **extra).to(DEVICE)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def prompt_embeds(seed: int) -> torch.Tensor:
-    return torch.randn(BATCH_SIZE, 5, EMBED_DIM, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(BATCH_SIZE, 5, EMBED_DIM, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 def image(channels: int = 3, seed: int = 3) -> torch.Tensor:
-    return torch.rand(BATCH_SIZE, channels, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return torch.rand(BATCH_SIZE, channels, 8, 8, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 def embeds_and_seed(guidance_scale: float = 7.5) -> dict:
@@ -150,7 +151,7 @@ def run_inversion_then_reconstruction(pipe):
 
 def unconditional(pipeline_class, **scheduler_config):
     def build():
-        pipe = pipeline_class(unet=tiny_unet(), scheduler=diffusers.DDIMScheduler(**scheduler_config))
+        pipe = pipeline_class(unet=tiny_unet(), scheduler=diffusers.DDIMScheduler(**scheduler_config)).to(DEVICE)
         pipe.set_progress_bar_config(disable=True)
         return pipe
     return build
@@ -281,7 +282,7 @@ def fastddim_scheduler(theirs):
 
 def float32_allowance(scale: torch.Tensor, alpha_t, config, use_clipped_model_output=False) -> torch.Tensor:
     """INTERMEDIATE_ULPS float32 ulps of the step's largest intermediate (`scale`), magnified by its division."""
-    alpha_t = torch.as_tensor(alpha_t, dtype=torch.float64)
+    alpha_t = torch.as_tensor(alpha_t, dtype=torch.float64, device=scale.device)
     amplification = torch.ones_like(alpha_t)
     if config.prediction_type == "epsilon":
         amplification = torch.maximum(amplification, alpha_t.rsqrt())
@@ -292,7 +293,8 @@ def float32_allowance(scale: torch.Tensor, alpha_t, config, use_clipped_model_ou
 
 def assert_float32_close(actual: torch.Tensor, expected: torch.Tensor, allowance: torch.Tensor, what: str) -> None:
     """|actual - expected| <= conftest's float32 tolerance (relative to `expected`) + `allowance`, everywhere."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (what, actual.shape, expected.shape)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    assert actual.dtype == torch.float32 and expected.dtype in (torch.float32, torch.float64), (what, expected.dtype)
     tolerance = TOLERANCES[torch.float32]
     expected = expected.to(torch.float64)
     error = (actual.to(torch.float64) - expected).abs()
@@ -309,7 +311,8 @@ def step_truth(theirs, call: Call):
     num_train = config.num_train_timesteps
     if call.method == "add_noise":
         original, noise, timesteps = arguments["original_samples"], arguments["noise"], arguments["timesteps"]
-        alpha = theirs.alphas_cumprod.to(torch.float64)[timesteps.reshape(-1)].view(-1, 1, 1, 1)
+        alpha = theirs.alphas_cumprod.cpu().to(torch.float64)[timesteps.reshape(-1).cpu()].view(-1, 1, 1, 1)
+        alpha = alpha.to(original.device)
         truth = alpha.sqrt() * original.double() + (1 - alpha).sqrt() * noise.double()
         scale = original.double().abs() + noise.double().abs()
         return (truth,), INTERMEDIATE_ULPS * FLOAT32_ULP * scale
@@ -325,7 +328,7 @@ def step_truth(theirs, call: Call):
         alphas = [truth_alphas(theirs.alphas_cumprod, 1.0, num_train, call.num_inference_steps, t) for t in timesteps]
         prev = torch.cat([truth_step(model_output[i:i + 1], sample[i:i + 1], *alphas[i], **options)[0]
                           for i in range(len(timesteps))])
-        alpha_t = torch.tensor([a for a, _ in alphas], dtype=torch.float64).view(-1, 1, 1, 1)
+        alpha_t = torch.tensor([a for a, _ in alphas], dtype=torch.float64, device=sample.device).view(-1, 1, 1, 1)
         scale = model_output.double().abs() + sample.double().abs()
         return (prev,), float32_allowance(scale, alpha_t, config, options["use_clipped_model_output"])
     inverse = isinstance(theirs, diffusers.DDIMInverseScheduler)
@@ -336,7 +339,7 @@ def step_truth(theirs, call: Call):
     noise = arguments.get("variance_noise")
     if eta > 0 and noise is None:
         noise = randn_tensor(model_output.shape, generator=torch.Generator().set_state(call.generator_state),
-                             dtype=model_output.dtype)
+                             device=model_output.device, dtype=model_output.dtype)
     truths = truth_step(model_output, sample, alpha_t, alpha_prev, eta=eta, noise=noise, inverse=inverse,
                         **options)
     scale = model_output.double().abs() + sample.double().abs()
@@ -373,7 +376,7 @@ def replay(theirs, calls: list[Call], guidance: dict | None = None) -> dict:
         for name, got, expected, truth in zip(("prev_sample", "pred_original_sample"), ours_outputs, call.outputs,
                                               truths):
             assert_float32_close(got, expected, 2 * allowance, f"{what} {name} vs diffusers")
-            assert_float32_close(got, truth.to(got.dtype), allowance, f"{what} {name} vs float64")
+            assert_float32_close(got, truth, allowance, f"{what} {name} vs float64")
         if guidance is not None and call.method == "step":
             check_guided_step(ours, call, guidance, what)
     return counts
@@ -396,6 +399,19 @@ def check_guided_step(ours, call: Call, guidance: dict, what: str) -> None:
 
 # --------------------------------------------------------------------------------------------------------------
 # Tests
+
+
+@pytest.fixture(autouse=True, scope="module")
+def float32_convolutions_on_gpu():
+    # TF32 would round the UNet's inputs to 10 bits, turning the libraries' float32 rounding differences into
+    # 1e-3 ones; the comparisons here are about float32.
+    if DEVICE != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.fixture(autouse=True)
@@ -473,10 +489,10 @@ def test_batch_step_no_noise_matches_diffusers_off_the_grid(config_name, use_cli
     theirs, ours = diffusers.DDIMParallelScheduler(**config), fastddim.DDIMParallelScheduler(**config)
     theirs.set_timesteps(10)
     ours.set_timesteps(10)
-    timesteps = torch.tensor([999, 901, 640, 333, 101, 99, 55, 7, 1, 0])
+    timesteps = torch.tensor([999, 901, 640, 333, 101, 99, 55, 7, 1, 0], device=DEVICE)
     generator = torch.Generator().manual_seed(5)
-    model_output = torch.randn(len(timesteps), 4, 6, 6, generator=generator)
-    sample = 2 * torch.randn(len(timesteps), 4, 6, 6, generator=generator)
+    model_output = torch.randn(len(timesteps), 4, 6, 6, generator=generator).to(DEVICE)
+    sample = 2 * torch.randn(len(timesteps), 4, 6, 6, generator=generator).to(DEVICE)
     arguments = dict(model_output=model_output, timesteps=timesteps, sample=sample,
                      use_clipped_model_output=use_clipped_model_output)
     expected = theirs.batch_step_no_noise(**arguments)
@@ -484,7 +500,7 @@ def test_batch_step_no_noise_matches_diffusers_off_the_grid(config_name, use_cli
     got = ours.batch_step_no_noise(**arguments)
     (truth,), allowance = step_truth(theirs, call)
     assert_float32_close(got, expected, 2 * allowance, "batch_step_no_noise vs diffusers")
-    assert_float32_close(got, truth.float(), allowance, "batch_step_no_noise vs float64")
+    assert_float32_close(got, truth, allowance, "batch_step_no_noise vs float64")
     # Each sample equals a single step at its own timestep where the two agree (not the last step when
     # final_alpha_cumprod != 1).
     step = ours.step(model_output, timesteps, sample, use_clipped_model_output=use_clipped_model_output)
@@ -499,10 +515,10 @@ def test_batch_step_no_noise_half_precision_rounds_once(dtype, backend):
     outputs have the inputs' dtype, as `step` has in both libraries)."""
     scheduler = fastddim.DDIMParallelScheduler(**SD_SCHEDULER)
     scheduler.set_timesteps(10)
-    timesteps = torch.tensor([901, 501, 101, 1])
+    timesteps = torch.tensor([901, 501, 101, 1], device=DEVICE)
     generator = torch.Generator().manual_seed(6)
-    model_output = torch.randn(4, 4, 6, 6, generator=generator).to(dtype)
-    sample = torch.randn(4, 4, 6, 6, generator=generator).to(dtype)
+    model_output = torch.randn(4, 4, 6, 6, generator=generator).to(DEVICE, dtype)
+    sample = torch.randn(4, 4, 6, 6, generator=generator).to(DEVICE, dtype)
     got = scheduler.batch_step_no_noise(model_output, timesteps, sample)
     assert got.dtype == dtype
     arguments = dict(model_output=model_output, timesteps=timesteps, sample=sample)
