@@ -29,6 +29,7 @@ STATS_BLOCK_SIZE = 1024
 INT32_LIMIT = 2**31 - 1
 # Globals read inside a @triton.jit function must be constexpr (the interpreter does not enforce it; GPUs do).
 TABLE_ROW_WIDTH = tl.constexpr(ROW_WIDTH)
+PHILOX_ROWS_PER_PASS = tl.constexpr(1024)  # generator rows the last program advances per vector atomic
 
 
 @triton.jit
@@ -165,10 +166,10 @@ def _philox_noise(rng_ptr, rng_rows, batch, within, mask):
     ticket = rng_ptr + rng_rows.to(tl.int64) * 2
     programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
     if tl.atomic_add(ticket, 1) == programs - 1:
-        rows = tl.arange(0, 1024)
-        while tl.min(rows) < rng_rows:  # a while loop: the interpreter cannot range() over a kernel argument
+        rows = tl.arange(0, PHILOX_ROWS_PER_PASS)
+        while tl.min(rows) < rng_rows:  # not range(): Triton 3.6's interpreter cannot range() over an argument
             tl.atomic_add(rng_ptr + rows.to(tl.int64) * 2 + 1, 1, mask=rows < rng_rows)
-            rows += 1024
+            rows += PHILOX_ROWS_PER_PASS
         tl.atomic_xchg(ticket, 0)
     return noise
 
