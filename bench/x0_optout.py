@@ -60,7 +60,8 @@ def run(rounds: int = 40) -> str:
             timings = fb.time_host(steps(case), rounds=rounds)
             a, b = timings["with x0"], timings["without x0"]
             lines.append(
-                f"| {case.name} | {a['median_us']:.1f} ({a['min_us']:.1f}) | {b['median_us']:.1f} ({b['min_us']:.1f}) | "
+                f"| {case.name} | {a['median_us']:.1f} ({a['min_us']:.1f}) | "
+                f"{b['median_us']:.1f} ({b['min_us']:.1f}) | "
                 f"{1 - b['median_us'] / a['median_us']:.0%}, {1 - b['min_us'] / a['min_us']:.0%} | "
                 f"{gpu_bytes(case, True) // 1024} KiB / {gpu_bytes(case, False) // 1024} KiB |")
     return "\n".join(lines)

@@ -80,7 +80,8 @@ def _check_generator(eta: float, generator) -> None:
 
 def _check_warmup(warmup) -> int:
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
-        raise ValueError(f"warmup must be an int >= 1 (capture may only launch kernels a warm-up loaded), got {warmup!r}")
+        raise ValueError(f"warmup must be an int >= 1 (capture may only launch kernels a warm-up loaded), "
+                         f"got {warmup!r}")
     return warmup
 
 

@@ -186,7 +186,8 @@ def test_philox_noise_is_standard_normal():
 def test_philox_draws_are_independent_across_steps_seeds_and_samples():
     n = 100_000
     first = reference.philox_normal(torch.tensor([[7, 0]]), (1, n)).double().flatten()
-    others = [reference.philox_normal(torch.tensor([[7, 1]]), (1, n)), reference.philox_normal(torch.tensor([[8, 0]]), (1, n)),
+    others = [reference.philox_normal(torch.tensor([[7, 1]]), (1, n)),  # the next step
+              reference.philox_normal(torch.tensor([[8, 0]]), (1, n)),  # another seed
               reference.philox_normal(torch.tensor([[7, 0]]), (2, n))[1]]  # sample 1 of a one-row batch
     for other in others:
         correlation = torch.corrcoef(torch.stack([first, other.double().flatten()]))[0, 1]
