@@ -122,6 +122,21 @@ def check_timestep(timestep, batch: int):
     return int(timestep)
 
 
+def check_philox_state(philox_state, sample: torch.Tensor, name: str = "philox_state") -> None:
+    """A `PhiloxGenerator.buffer` fit for `sample`: int64, on its device, one (seed, offset) row per sample or one
+    row for the batch, plus the ticket row."""
+    batch = sample.shape[0] if sample.dim() else 1
+    if not isinstance(philox_state, torch.Tensor) or philox_state.dtype != torch.int64 or philox_state.dim() != 2 or (
+        philox_state.shape[1] != 2 or not philox_state.is_contiguous()
+    ):
+        raise ValueError(f"{name} must be a PhiloxGenerator's buffer: a contiguous int64 tensor of shape (rows + 1, 2)")
+    if philox_state.device != sample.device:
+        raise ValueError(f"{name} lives on {philox_state.device}, the sample on {sample.device}")
+    rows = philox_state.shape[0] - 1
+    if rows not in (1, batch):
+        raise ValueError(f"{name} holds {rows} (seed, offset) rows; a batch of {batch} samples takes 1 or {batch}")
+
+
 def ddim_step(
     model_output: torch.Tensor,
     sample: torch.Tensor,
@@ -163,8 +178,9 @@ def ddim_step(
             thresholding of x0 (takes precedence over clipping, as in diffusers).
         use_clipped_model_output (`bool`): re-derive the noise prediction from the clipped x0.
         variance_noise (`torch.Tensor`, *optional*): standard normal noise of the sample's shape.
-        philox_state (`torch.Tensor`, *optional*): instead, an int64 (seed, counter) tensor on the sample's
-            device from which the noise is drawn in the kernel (the caller advances the counter).
+        philox_state (`torch.Tensor`, *optional*): instead, a `PhiloxGenerator.buffer` on the sample's device
+            (one (seed, offset) row per sample or one for the batch, then a ticket row): the noise is drawn in the
+            kernel, and the same step adds 1 to every offset (see `fastddim.noise.PhiloxGenerator`).
         uncond_output (`torch.Tensor`, *optional*): the unconditional prediction; fuses classifier-free
             guidance `uncond + guidance_scale * (model_output - uncond)`, rescaled by `guidance_rescale` as
             diffusers' `rescale_noise_cfg`.
@@ -186,11 +202,8 @@ def ddim_step(
     timestep = check_timestep(timestep, sample.shape[0] if sample.dim() else 1)
     if variance_noise is not None and philox_state is not None:
         raise ValueError("pass either variance_noise or philox_state, not both")
-    if philox_state is not None and (
-        not isinstance(philox_state, torch.Tensor) or philox_state.dtype != torch.int64
-        or tuple(philox_state.shape) != (2,) or philox_state.device != sample.device
-    ):
-        raise ValueError("philox_state must be an int64 tensor (seed, counter) of shape (2,) on the sample's device")
+    if philox_state is not None:
+        check_philox_state(philox_state, sample)
     if uncond_output is not None:
         guidance_scale = check_real("guidance_scale", guidance_scale)
         guidance_rescale = check_real("guidance_rescale", guidance_rescale, minimum=0.0)
@@ -272,7 +285,8 @@ def _triton_step(model_output, sample, table, timestep_tensor, timestep_value, e
     )
 
 
-@torch.library.custom_op("fastddim::ddim_step", mutates_args=())
+# The kernel moves the Philox offsets on in place (no second launch), so the op declares that mutation.
+@torch.library.custom_op("fastddim::ddim_step", mutates_args=("philox_state",))
 def _triton_step_op(
     model_output: torch.Tensor, sample: torch.Tensor, table: torch.Tensor, timestep_tensor: torch.Tensor | None,
     timestep_value: int, eta: float, prediction_type: str, clip_sample: bool, clip_sample_range: float,

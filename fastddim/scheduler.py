@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-import functools
 
 import numpy as np
 import torch
@@ -47,11 +46,8 @@ class DDIMSchedulerOutput:
         pred_original_sample (`torch.Tensor`): the predicted denoised sample x_0 (after clipping or
             thresholding), for previews or guidance.
 
-    On the Triton backend the step writes only `prev_sample`, and `pred_original_sample` is computed from the
-    step's inputs when it is first read: most loops never read it, and skipping its write saves a quarter of the
-    step's memory traffic. Reading it after one of the step's inputs was modified in place raises a RuntimeError
-    (the inputs' version counters are checked); set `scheduler.lazy_pred_original_sample = False` to always
-    compute it with the step. Like diffusers' output, it also behaves as a tuple and as a mapping.
+    `pred_original_sample` is None when the scheduler's `write_pred_original_sample` is False. Like diffusers'
+    output, it also behaves as a tuple and as a mapping.
     """
 
     def __init__(self, prev_sample: torch.Tensor, pred_original_sample: torch.Tensor | None = None):
@@ -156,8 +152,9 @@ class _DDIMBase(SchedulerMixin):
 
     order = 1
     _inverse = False
-    # Triton backend: write pred_original_sample only when it is read (see DDIMSchedulerOutput). Not a config key.
-    lazy_pred_original_sample = True
+    # False: step outputs carry pred_original_sample=None and the step skips writing it (a quarter of its memory
+    # traffic on the Triton backend: 3 of 4 full-size tensor passes remain). Not a config key.
+    write_pred_original_sample = True
 
     def _build_schedule(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                         prediction_type, timestep_spacing, clip_sample_range, rescale_betas_zero_snr):
@@ -283,33 +280,20 @@ class _DDIMBase(SchedulerMixin):
         process_group = process_group if thresholding else None
         host_row = isinstance(timestep, int) and backend == "torch"
         table = self._host_rows if host_row else self._table_on(sample.device)
+        write_x0 = self.write_pred_original_sample
+        if write_x0 is not True and write_x0 is not False:
+            raise TypeError(f"write_pred_original_sample must be True or False, got {write_x0!r}")
         # Everything was checked above or at construction: skip ops.ddim_step's checks (a step on small
         # tensors costs mostly Python).
-        step = functools.partial(
-            ops.dispatch, model_output, sample, table, timestep, eta=eta, thresholding=thresholding,
+        prev_sample, pred_original_sample = ops.dispatch(
+            model_output, sample, table, timestep, eta=eta, thresholding=thresholding,
             use_clipped_model_output=use_clipped_model_output, uncond_output=uncond_output,
             guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, backend=backend,
-            process_group=process_group, **self._config_step_options(),
+            process_group=process_group, variance_noise=variance_noise, philox_state=philox_state,
+            write_pred_original_sample=write_x0, **self._config_step_options(),
         )
-        # The kernel skips pred_original_sample unless it is read (not under torch.compile or CUDA-graph capture,
-        # where the step must stay one static op, nor for a sharded thresholded step, whose collectives every
-        # process must run at the same time).
-        lazy = (
-            backend == "triton" and return_dict and self.lazy_pred_original_sample and process_group is None
-            and not torch.compiler.is_compiling()
-            and not (sample.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
-        )
-        prev_sample, pred_original_sample = step(variance_noise=variance_noise, philox_state=philox_state,
-                                                 write_pred_original_sample=not lazy)
         if not return_dict:
             return (prev_sample, pred_original_sample)
-        if lazy:
-            inputs = {"model_output": model_output, "sample": sample}
-            if uncond_output is not None:
-                inputs["uncond_output"] = uncond_output
-            if isinstance(timestep, torch.Tensor):
-                inputs["timestep"] = timestep
-            return DDIMSchedulerOutput.deferred(prev_sample, lambda: step(write_prev_sample=False)[1], inputs)
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
 
     def _config_step_options(self) -> dict:
@@ -502,19 +486,16 @@ class DDIMScheduler(_DDIMBase):
         if eta == 0:
             variance_noise = None  # diffusers draws no noise at eta 0 and ignores variance_noise
         elif isinstance(generator, PhiloxGenerator):
-            if generator.device != getattr(sample, "device", generator.device):
-                raise ValueError(f"generator lives on {generator.device}, the sample on {sample.device}")
-            philox_state = generator.state
+            if isinstance(sample, torch.Tensor):
+                ops.check_philox_state(generator.buffer, sample, name="generator")
+            philox_state = generator.buffer  # the step draws from it and moves it on, in one launch
         elif variance_noise is None and isinstance(model_output, torch.Tensor):
             variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                           dtype=model_output.dtype)
-        result = self._run_step(model_output, timestep, sample, eta, use_clipped_model_output, variance_noise,
-                                philox_state, thresholding=self.config.thresholding, return_dict=return_dict,
-                                process_group=process_group if process_group is not None
-                                else self.threshold_process_group, **guidance)
-        if philox_state is not None:
-            generator.advance()
-        return result
+        return self._run_step(model_output, timestep, sample, eta, use_clipped_model_output, variance_noise,
+                              philox_state, thresholding=self.config.thresholding, return_dict=return_dict,
+                              process_group=process_group if process_group is not None
+                              else self.threshold_process_group, **guidance)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """Forward diffusion: sqrt(alpha_t) * original_samples + sqrt(1 - alpha_t) * noise.

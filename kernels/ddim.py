@@ -29,13 +29,14 @@ STATS_BLOCK_SIZE = 1024
 INT32_LIMIT = 2**31 - 1
 # Globals read inside a @triton.jit function must be constexpr (the interpreter does not enforce it; GPUs do).
 TABLE_ROW_WIDTH = tl.constexpr(ROW_WIDTH)
+PHILOX_ROWS_PER_PASS = tl.constexpr(1024)  # generator rows the last program advances per vector atomic
 
 
 @triton.jit
 def _standard_normal(seed, counter, index):
-    """N(0, 1) noise for element `index` of draw number `counter`: Philox4x32-10 keyed by `seed` with the counter
-    block (index_lo, index_hi, counter_lo, counter_hi), then Box-Muller as in `tl.randn`. The torch path draws
-    the same stream (fastddim.reference.philox_normal)."""
+    """N(0, 1) noise for element `index` (within its sample) of draw number `counter`: Philox4x32-10 keyed by
+    `seed` with the counter block (index_lo, index_hi, counter_lo, counter_hi), then Box-Muller as in `tl.randn`.
+    The torch path draws the same stream (fastddim.reference.philox_normal)."""
     index = index.to(tl.int64)
     zero = (index * 0).to(tl.uint32)
     c0 = (index & 0xFFFFFFFF).to(tl.uint32)
@@ -148,12 +149,37 @@ def _predicted_x0_eps(model_output_ptr, uncond_ptr, sample_ptr, stats_ptr, m_off
     return x0, eps, x
 
 
+@triton.jit
+def _philox_noise(rng_ptr, rng_rows, batch, within, mask):
+    """Each element's N(0, 1) noise from the generator buffer at rng_ptr: rng_rows (seed, offset) rows, one per
+    sample or one for the whole batch (sample b then keys with seed + b), then the ticket row. The last program of
+    the launch to get here adds 1 to every offset and puts the ticket back to 0, so the step needs no second launch
+    to move the stream on."""
+    shared = rng_rows == 1
+    row = rng_ptr + tl.where(shared, 0, batch).to(tl.int64) * 2
+    seed = tl.load(row, mask=mask, other=0) + tl.where(shared, batch, 0).to(tl.int64)
+    offset = tl.load(row + 1, mask=mask, other=0)
+    noise = _standard_normal(seed, offset, within)
+    # Every thread of this program has loaded its offsets before the ticket is taken (the barrier), and every
+    # program takes its ticket after its loads (acq_rel atomics), so the last ticket holder writes after all reads.
+    tl.debug_barrier()
+    ticket = rng_ptr + rng_rows.to(tl.int64) * 2
+    programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+    if tl.atomic_add(ticket, 1) == programs - 1:
+        rows = tl.arange(0, PHILOX_ROWS_PER_PASS)
+        while tl.min(rows) < rng_rows:  # not range(): Triton 3.6's interpreter cannot range() over an argument
+            tl.atomic_add(rng_ptr + rows.to(tl.int64) * 2 + 1, 1, mask=rows < rng_rows)
+            rows += PHILOX_ROWS_PER_PASS
+        tl.atomic_xchg(ticket, 0)
+    return noise
+
+
 @triton.jit(do_not_specialize=["timestep", "eta_bits", "clip_range_bits", "guidance_scale_bits",
-                               "guidance_rescale_bits"])
+                               "guidance_rescale_bits", "rng_rows"])
 def _ddim_step_kernel(
     model_output_ptr, uncond_ptr, sample_ptr, noise_ptr, prev_ptr, x0_ptr,
     table_ptr, timestep_ptr, rng_ptr, stats_ptr, threshold_ptr,
-    timestep, num_train_timesteps,
+    timestep, num_train_timesteps, rng_rows,
     eta_bits, clip_range_bits, guidance_scale_bits, guidance_rescale_bits,
     n_elements, batch_stride,
     size_1, size_2, size_3, size_4,
@@ -165,7 +191,7 @@ def _ddim_step_kernel(
     CLIP: tl.constexpr,
     USE_CLIPPED: tl.constexpr,
     TIMESTEP_MODE: tl.constexpr,  # 0 the `timestep` argument, 1 timestep_ptr[0], 2 timestep_ptr[batch index]
-    NOISE: tl.constexpr,  # 0 none, 1 noise_ptr, 2 in-kernel Philox from rng_ptr = (seed, counter)
+    NOISE: tl.constexpr,  # 0 none, 1 noise_ptr, 2 in-kernel Philox from the generator buffer at rng_ptr
     GUIDANCE: tl.constexpr,  # 0 none, 1 uncond + scale * (cond - uncond), 2 that rescaled by stats_ptr
     STRIDED: tl.constexpr,  # False: all tensors share one dense layout, index memory directly
     INT64: tl.constexpr,  # offsets can pass 2**31 - 1
@@ -192,7 +218,7 @@ def _ddim_step_kernel(
         u_offsets = _strided_offset(batch, i1, i2, i3, i4, u_stride_0, u_stride_1, u_stride_2, u_stride_3, u_stride_4)
         x_offsets = _strided_offset(batch, i1, i2, i3, i4, x_stride_0, x_stride_1, x_stride_2, x_stride_3, x_stride_4)
         n_offsets = _strided_offset(batch, i1, i2, i3, i4, n_stride_0, n_stride_1, n_stride_2, n_stride_3, n_stride_4)
-        logical = offsets
+        within = offsets - batch * (size_1 * size_2 * size_3 * size_4)  # the element's index within its sample
     else:
         m_offsets = offsets
         u_offsets = offsets
@@ -201,7 +227,7 @@ def _ddim_step_kernel(
         # In a dense layout whose batch dimension is outermost, memory offset // batch_stride is the batch index;
         # the launcher only takes this path for Philox noise when the layout is contiguous (logical == memory).
         batch = offsets // batch_stride
-        logical = offsets
+        within = offsets - batch * batch_stride
 
     sqrt_alpha_t64, sqrt_beta_t64, sqrt_alpha_prev64, direction64, std64 = _step_coefficients(
         table_ptr, timestep_ptr, timestep, num_train_timesteps, eta, batch, mask, TIMESTEP_MODE)
@@ -239,9 +265,7 @@ def _ddim_step_kernel(
         noise = tl.load(noise_ptr + n_offsets, mask=mask).to(math_dtype)
         prev = prev + std64.to(math_dtype) * noise
     elif NOISE == 2:
-        seed = tl.load(rng_ptr)
-        counter = tl.load(rng_ptr + 1)
-        noise = _standard_normal(seed, counter, logical).to(math_dtype)
+        noise = _philox_noise(rng_ptr, rng_rows, batch, within, mask).to(math_dtype)
         prev = prev + std64.to(math_dtype) * noise
 
     if WRITE_PREV:
@@ -400,8 +424,10 @@ def ddim_step(
         clip_sample, clip_sample_range: clamp pred_original_sample to [-range, range].
         use_clipped_model_output: re-derive the noise prediction from the clipped pred_original_sample.
         variance_noise: standard normal noise of the sample's shape, or None.
-        philox_state: instead of variance_noise, an int64 device tensor (seed, counter): the kernel draws the
-            noise itself (see `fastddim.reference.philox_normal`); the caller advances the counter.
+        philox_state: instead of variance_noise, a `PhiloxGenerator.buffer` on the device: an int64 tensor of
+            (rows + 1, 2): (seed, offset) rows, one per sample or one for the batch, then a ticket row of zeros. The
+            kernel draws the noise itself (see `fastddim.reference.philox_normal`) and, in the same launch, adds 1
+            to every offset.
         uncond_output, guidance_scale, guidance_rescale: classifier-free guidance fused into the step: the
             model output used is uncond + scale * (model_output - uncond), rescaled as diffusers'
             `rescale_noise_cfg` when guidance_rescale > 0.
@@ -423,6 +449,8 @@ def ddim_step(
     inputs = [t for t in inputs if t is not None]
     n_elements = sample.numel()
     if n_elements == 0:
+        if philox_state is not None:
+            philox_state[:-1, 1].add_(1)  # a step moves the stream on even when it has nothing to draw
         if thresholding and threshold_reduce is not None:
             # An empty shard still takes part in the collectives of the other shards' thresholds.
             from .threshold import sample_thresholds
@@ -472,7 +500,8 @@ def ddim_step(
         variance_noise if variance_noise is not None else sample, prev if prev is not None else x0,
         x0 if x0 is not None else prev,
         table, timestep_ptr, philox_state if philox_state is not None else table, stats, threshold,
-        timestep_arg, table.shape[0], float64_bits(eta), float64_bits(clip_sample_range),
+        timestep_arg, table.shape[0], philox_state.shape[0] - 1 if philox_state is not None else 0,
+        float64_bits(eta), float64_bits(clip_sample_range),
         float64_bits(guidance_scale), float64_bits(guidance_rescale),
         n_elements, sample.stride(0) if shared_dense and batch > 1 else n_elements,
         *sizes[1:], *strides_of(model_output), *strides_of(uncond_output), *strides_of(sample),

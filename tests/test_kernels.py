@@ -767,3 +767,58 @@ def test_degenerate_rows_propagate_like_reference_and_truth(degenerate, predicti
     check_step(model_output, sample, coefficients, alphas, eta=eta, variance_noise=noise,
                prediction_type=prediction_type, clip_sample=clip_sample,
                use_clipped_model_output=use_clipped_model_output)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In-kernel Philox noise: per-sample streams, any layout and rank, the offsets moved on by the launch itself
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def philox_buffer(rows):
+    """A PhiloxGenerator-style buffer: (seed, offset) rows, then the zero ticket row."""
+    buffer = torch.zeros(len(rows) + 1, 2, dtype=torch.int64, device=DEVICE)
+    buffer[:-1] = torch.tensor(rows, dtype=torch.int64)
+    return buffer
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "every_other", "storage_offset"])
+def test_philox_noise_follows_the_logical_index_in_any_layout(layout):
+    """The strided path (any layout) and the dense path (contiguous) give every element the same noise: it is
+    indexed by the element's logical position within its sample, never by its memory offset."""
+    coefficients, _ = step_row("linear", 500)
+    model_output, sample, _ = step_inputs((3, 5, 7, 11), seed=31)
+    rows = [(5, 2), (-1, 0), (2**40, 7)]
+    dense, _ = ddim_step(model_output, sample, coefficients, eta=1.0, philox_state=philox_buffer(rows))
+    strided, _ = ddim_step(laid_out(model_output, layout), laid_out(sample, layout), coefficients, eta=1.0,
+                           philox_state=philox_buffer(rows))
+    assert torch.equal(dense, strided)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (3, 1000), (2, 3, 4, 5, 6), (2, 1, 1, 2, 3, 4)],
+                         ids=["0-d", "1", "7", "3x1000", "rank5", "rank6"])
+def test_philox_noise_matches_the_torch_path_at_every_rank(shape):
+    coefficients, _ = step_row("linear", 500)
+    model_output, sample, _ = step_inputs(shape, seed=32)
+    batch = shape[0] if shape else 1
+    for rows in ([(9, 3)], [(9 + b, 3 + b) for b in range(batch)]):
+        on_kernel, on_torch = philox_buffer(rows), philox_buffer(rows).cpu()
+        prev, _ = ddim_step(model_output, sample, coefficients, eta=1.0, philox_state=on_kernel)
+        expected, _ = reference.ddim_step(model_output.cpu(), sample.cpu(), coefficients.cpu(), eta=1.0,
+                                          philox_state=on_torch)
+        torch.testing.assert_close(prev.cpu(), expected, rtol=1e-5, atol=1e-5)
+        assert on_kernel.tolist() == on_torch.tolist() == [[s, o + 1] for s, o in rows] + [[0, 0]]
+
+
+@pytest.mark.parametrize("outputs", ["x0-only", "empty"])
+def test_philox_step_advances_once_whatever_it_writes(outputs):
+    """A step given a Philox state moves it on by one on both paths, also when it writes no prev_sample or has
+    no elements, so a stream's position counts steps."""
+    coefficients, _ = step_row("linear", 500)
+    shape = (2, 0, 4) if outputs == "empty" else (2, 3, 4)
+    model_output, sample, _ = step_inputs(shape, seed=33)
+    on_kernel, on_torch = philox_buffer([(1, 0), (2, 5)]), philox_buffer([(1, 0), (2, 5)]).cpu()
+    ddim_step(model_output, sample, coefficients, eta=1.0, philox_state=on_kernel,
+              write_prev_sample=outputs == "empty")
+    reference.ddim_step(model_output.cpu(), sample.cpu(), coefficients.cpu(), eta=1.0, philox_state=on_torch,
+                        write_prev_sample=outputs == "empty")
+    assert on_kernel.tolist() == on_torch.tolist() == [[1, 1], [2, 6], [0, 0]]

@@ -1010,3 +1010,96 @@ def test_step_output_object(kind, backend):
     as_tuple = ours.step(model_output, 500, sample, return_dict=False)
     assert isinstance(as_tuple, tuple) and len(as_tuple) == 2
     assert torch.equal(as_tuple[0], out.prev_sample) and torch.equal(as_tuple[1], out.pred_original_sample)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# pred_original_sample: written with the step by default, skipped only on request
+
+
+GRAD_MODES = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad, "grad": torch.enable_grad}
+
+
+@pytest.mark.parametrize("return_dict", [True, False], ids=["dict", "tuple"])
+@pytest.mark.parametrize("grad_mode", list(GRAD_MODES))
+@pytest.mark.parametrize("kind", KINDS)
+def test_pred_original_sample_is_the_truth_in_every_grad_mode(kind, grad_mode, return_dict, backend):
+    """pred_original_sample is computed with the step, so inference_mode, no_grad and return_dict=False all
+    give the float64 truth (a lazily computed x0 crashed under inference_mode and was skipped for tuples), and
+    changing the inputs afterwards cannot change it."""
+    ours, theirs = make_pair(kind)
+    ours.set_timesteps(NUM_STEPS)
+    theirs.set_timesteps(NUM_STEPS)
+    timestep = 501
+    with GRAD_MODES[grad_mode]():
+        model_output, sample = randn(41), randn(42)
+        out = ours.step(model_output, timestep, sample, return_dict=return_dict)
+        prev, x0 = (out.prev_sample, out.pred_original_sample) if return_dict else out
+        truth_prev, truth_x0 = step_truth(theirs, timestep, model_output.cpu(), sample.cpu())
+        slack = float32_slack(theirs, timestep, model_output.cpu(), sample.cpu())
+        kept = x0.clone()
+        model_output.mul_(2)  # an in-place write after the step (bumps no version counter under inference_mode)
+        sample.add_(1)
+    assert_close_to_truth(x0.cpu(), truth_x0, torch.float32, "pred_original_sample", allowance=2 * slack)
+    assert_close_to_truth(prev.cpu(), truth_prev, torch.float32, "prev_sample", allowance=2 * slack)
+    assert torch.equal(x0, kept)
+
+
+@pytest.mark.parametrize("return_dict", [True, False], ids=["dict", "tuple"])
+@pytest.mark.parametrize("options", [dict(), dict(eta=1.0, guided=True), dict(thresholding=True)],
+                         ids=["plain", "guided-eta1", "thresholded"])
+def test_write_pred_original_sample_false_skips_it_and_changes_nothing_else(options, return_dict, backend):
+    options = dict(options)
+    guided = options.pop("guided", False)
+    scheduler = fastddim.DDIMScheduler(thresholding=options.pop("thresholding", False), sample_max_value=1.5)
+    scheduler.set_timesteps(NUM_STEPS)
+    model_output, sample, noise, uncond = randn(43), randn(44), randn(45), randn(46)
+
+    def step():
+        if guided:
+            return scheduler.guided_step(uncond, model_output, 301, sample, 3.0, variance_noise=noise,
+                                         return_dict=return_dict, **options)
+        return scheduler.step(model_output, 301, sample, variance_noise=noise if options else None,
+                              return_dict=return_dict, **options)
+
+    with torch.inference_mode():
+        full = step()
+        scheduler.write_pred_original_sample = False
+        skipped = step()
+    full_prev, full_x0 = (full.prev_sample, full.pred_original_sample) if return_dict else full
+    prev, x0 = (skipped.prev_sample, skipped.pred_original_sample) if return_dict else skipped
+    assert full_x0 is not None and x0 is None
+    assert torch.equal(prev, full_prev)
+    if return_dict:
+        assert list(skipped.keys()) == ["prev_sample"]
+
+
+def test_write_pred_original_sample_is_not_a_config_key_and_must_be_a_bool():
+    scheduler = _ready("DDIMScheduler")
+    assert "write_pred_original_sample" not in scheduler.config
+    scheduler.write_pred_original_sample = 0
+    with pytest.raises(TypeError, match="write_pred_original_sample"):
+        scheduler.step(randn(1), 500, randn(2))
+
+
+def test_write_pred_original_sample_false_skips_the_kernel_store(monkeypatch):
+    """On the Triton backend the opt-out reaches the kernel: its x0 store is compiled out (WRITE_X0=False)."""
+    kernels = pytest.importorskip("fastddim.kernels.ddim")
+    if not fastddim.ops.triton_interpreting() and DEVICE == "cpu":
+        pytest.skip("needs the Triton kernels (a GPU or TRITON_INTERPRET=1)")
+    flags = []
+    kernel = kernels._ddim_step_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                flags.append(kwargs["WRITE_X0"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(kernels, "_ddim_step_kernel", Recorder())
+    monkeypatch.setenv("FASTDDIM_BACKEND", "triton")
+    scheduler = _ready("DDIMScheduler")
+    scheduler.step(randn(1), 500, randn(2))
+    scheduler.write_pred_original_sample = False
+    scheduler.step(randn(1), 500, randn(2))
+    assert flags == [True, False]

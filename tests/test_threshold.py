@@ -430,13 +430,13 @@ def test_thresholded_loop_matches_diffusers(prediction_type, backend):
     assert backend == "torch" or inside > 0
 
 
-def test_lazy_pred_original_sample_with_thresholding():
+def test_thresholded_step_without_pred_original_sample():
     ours = fastddim.DDIMScheduler(thresholding=True, sample_max_value=3.0)
     ours.set_timesteps(10)
     model_output, sample = randn((2, 3, 8, 8), seed=30, scale=2.0), randn((2, 3, 8, 8), seed=31, scale=3.0)
-    lazy = ours.step(model_output, 500, sample)
-    ours.lazy_pred_original_sample = False
-    eager = ours.step(model_output, 500, sample)
-    assert_identical(lazy.prev_sample, eager.prev_sample)
-    assert_identical(lazy.pred_original_sample, eager.pred_original_sample)
+    full = ours.step(model_output, 500, sample)
+    ours.write_pred_original_sample = False
+    skipped = ours.step(model_output, 500, sample)
+    assert_identical(skipped.prev_sample, full.prev_sample)
+    assert skipped.pred_original_sample is None and full.pred_original_sample is not None
 
