@@ -241,9 +241,9 @@ def ddim_step_backward(
 
     Returns:
         `(grad_model_output, grad_sample, grad_uncond_output, grad_variance_noise)`, None where not needed; each
-        contiguous, in its input's dtype (the noise's: the promoted dtype of model_output and sample). With guidance_rescale > 0, the first is the gradient of the guided,
-        rescaled model output instead (its std terms are left to torch: see `fastddim.autograd`), and the third
-        is None.
+        contiguous, in its input's dtype (the noise's in the promoted dtype of model_output and sample). With
+        guidance_rescale > 0, the first is the gradient of the guided, rescaled model output instead, in the math
+        dtype (its std terms are left to torch: see `fastddim.autograd`), and the third is None.
     """
     table, timestep = as_table(table, timestep)
     need_model, need_sample, need_uncond, need_noise = needs_input_grad

@@ -234,3 +234,41 @@ def test_gradient_of_only_some_inputs_and_outputs(backend):
     expected = torch.where(x0.abs() <= 1, weight.double() / alpha_t**0.5, 0)
     assert x.grad.dtype == torch.float16
     torch.testing.assert_close(x.grad.double(), expected, rtol=2**-10, atol=2**-10)
+
+
+@pytest.mark.parametrize("option", ["plain", "clip", "threshold"])
+def test_nan_input_gradients_match_diffusers(option, backend):
+    """A NaN in one sample's model output: torch.clamp passes no gradient through NaN (its masks compare false),
+    and a thresholded sample whose quantile is NaN passes none through x0 or s; the other sample is unaffected."""
+    config = _config(option, "epsilon")
+    ours, theirs = fastddim.DDIMScheduler(**config), diffusers.DDIMScheduler(**config)
+    ours.set_timesteps(50)
+    theirs.set_timesteps(50)
+    model_output, sample, _, weight_prev, weight_x0 = _inputs(19)
+    model_output[1, 0, 2, 3] = float("nan")
+    grads = []
+    for scheduler in (ours, theirs):
+        m, x = _leaves(model_output, sample)
+        out = scheduler.step(m, TIMESTEP, x)
+        (torch.nan_to_num(out.prev_sample) * weight_prev + torch.nan_to_num(out.pred_original_sample) * weight_x0
+         ).sum().backward()
+        grads.append((m.grad, x.grad))
+    for name, actual, expected in zip(("model_output", "sample"), *grads):
+        scale = float(expected.nan_to_num().abs().max())
+        torch.testing.assert_close(actual, expected, rtol=2**-16, atol=2**-18 * scale, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_inverse_step_gradients_match_diffusers(prediction_type, backend):
+    ours = fastddim.DDIMInverseScheduler(prediction_type=prediction_type, clip_sample=True, clip_sample_range=3.0)
+    theirs = diffusers.DDIMInverseScheduler(prediction_type=prediction_type, clip_sample=True, clip_sample_range=3.0)
+    ours.set_timesteps(50)
+    theirs.set_timesteps(50)
+    model_output, sample, _, weight_prev, _ = _inputs(23)
+    grads = []
+    for scheduler in (ours, theirs):
+        m, x = _leaves(model_output, sample)
+        (scheduler.step(m, 481, x).prev_sample * weight_prev).sum().backward()
+        grads.append((m.grad, x.grad))
+    for name, actual, expected in zip(("model_output", "sample"), *grads):
+        _assert_grads_close(actual, expected, name)
