@@ -164,3 +164,79 @@ def triton_step(model_output, sample, table, timestep_tensor, timestep_value, et
                    write_pred_original_sample=write_pred_original_sample)
     timestep = timestep_tensor if timestep_tensor is not None else timestep_value
     return _TritonStep.apply(model_output, sample, uncond_output, variance_noise, table, timestep, options)
+
+
+# Under torch.compile the Triton step is the custom op torch.ops.fastddim.ddim_step (fastddim.ops), whose backward
+# is this second custom op: the same fused backward kernel, opaque to the tracer. (A thresholded step finds its
+# order statistics again here: the forward op's schema returns only the step's two outputs.)
+@torch.library.custom_op("fastddim::ddim_step_backward", mutates_args=())
+def _triton_step_backward_op(
+    grad_prev: torch.Tensor | None, grad_x0: torch.Tensor | None, model_output: torch.Tensor, sample: torch.Tensor,
+    table: torch.Tensor, timestep_tensor: torch.Tensor | None, timestep_value: int, eta: float, prediction_type: str,
+    clip_sample: bool, clip_sample_range: float, use_clipped_model_output: bool, uncond_output: torch.Tensor | None,
+    guidance_scale: float, guidance_rescale: float, thresholding: bool, dynamic_thresholding_ratio: float,
+    sample_max_value: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fastddim import kernels
+    from fastddim.kernels.ddim_backward import ddim_step_backward
+
+    timestep = timestep_tensor if timestep_tensor is not None else timestep_value
+    thresholds = order = None
+    if thresholding:
+        thresholds, order = kernels.sample_thresholds(
+            model_output, sample, table, timestep, prediction_type, dynamic_thresholding_ratio, sample_max_value,
+            uncond_output, guidance_scale, guidance_rescale, return_order_statistics=True)
+    grads = ddim_step_backward(
+        grad_prev, grad_x0, model_output, sample, table, timestep, eta=eta, prediction_type=prediction_type,
+        clip_sample=clip_sample, clip_sample_range=clip_sample_range,
+        use_clipped_model_output=use_clipped_model_output, uncond_output=uncond_output,
+        guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, thresholds=thresholds,
+        order_statistics=order, sample_max_value=sample_max_value, needs_input_grad=(True, True, True, True))
+    # Custom ops return tensors: an empty one stands for "no uncond gradient".
+    return tuple(g if g is not None else sample.new_empty(0) for g in grads)
+
+
+@_triton_step_backward_op.register_fake
+def _(grad_prev, grad_x0, model_output, sample, table, timestep_tensor, timestep_value, eta, prediction_type,
+      clip_sample, clip_sample_range, use_clipped_model_output, uncond_output, guidance_scale, guidance_rescale,
+      thresholding, dynamic_thresholding_ratio, sample_max_value):
+    out_dtype = torch.promote_types(model_output.dtype, sample.dtype)
+    math_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
+    rescaled = uncond_output is not None and guidance_rescale != 0
+    grad_model = torch.empty(sample.shape, dtype=math_dtype if rescaled else model_output.dtype, device=sample.device)
+    grad_uncond = (torch.empty(sample.shape, dtype=uncond_output.dtype, device=sample.device)
+                   if uncond_output is not None and not rescaled else sample.new_empty(0))
+    return (grad_model, torch.empty(sample.shape, dtype=sample.dtype, device=sample.device), grad_uncond,
+            torch.empty(sample.shape, dtype=out_dtype, device=sample.device))
+
+
+def _setup_step_op_context(ctx, inputs, output):
+    (model_output, sample, table, timestep_tensor, _, _, _, _, _, _, variance_noise, _, uncond_output, *_) = inputs
+    ctx.save_for_backward(model_output, sample, table, timestep_tensor, uncond_output)
+    ctx.arguments = inputs
+    ctx.noise_dtype = variance_noise.dtype if variance_noise is not None else None
+
+
+def _step_op_backward(ctx, grad_prev, grad_x0):
+    model_output, sample, table, timestep_tensor, uncond_output = ctx.saved_tensors
+    (_, _, _, _, timestep_value, eta, prediction_type, clip_sample, clip_sample_range, use_clipped_model_output,
+     _, _, _, guidance_scale, guidance_rescale, thresholding, dynamic_thresholding_ratio,
+     sample_max_value) = ctx.arguments
+    grad_model, grad_sample, grad_uncond, grad_noise = _triton_step_backward_op(
+        grad_prev, grad_x0, model_output, sample, table, timestep_tensor, timestep_value, eta, prediction_type,
+        clip_sample, clip_sample_range, use_clipped_model_output, uncond_output, guidance_scale, guidance_rescale,
+        thresholding, dynamic_thresholding_ratio, sample_max_value)
+    if uncond_output is None:
+        grad_uncond = None
+    elif guidance_rescale != 0:
+        options = dict(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
+        grad_model, grad_uncond = _rescaled_guidance_backward(grad_model, model_output, uncond_output, options,
+                                                              True, True)
+    grad_noise = grad_noise.to(ctx.noise_dtype) if ctx.noise_dtype is not None else None
+    return (grad_model, grad_sample, None, None, None, None, None, None, None, None, grad_noise, None, grad_uncond,
+            None, None, None, None, None)
+
+
+def register_step_op_autograd(step_op) -> None:
+    """Give fastddim.ops' custom op torch.ops.fastddim.ddim_step its fused backward (for torch.compile)."""
+    step_op.register_autograd(_step_op_backward, setup_context=_setup_step_op_context)

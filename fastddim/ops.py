@@ -299,3 +299,6 @@ def _(model_output, sample, table, timestep_tensor, timestep_value, eta, predict
 
     outputs, _, _ = allocate_outputs(model_output, sample, uncond_output, variance_noise, philox_state is not None)
     return outputs
+
+
+autograd.register_step_op_autograd(_triton_step_op)
