@@ -13,6 +13,8 @@ quantile interpolates (weights 1 - w and w of torch.lerp, times the sign of x0 t
   backward kernel (kernels/ddim_backward.py): one pass reads the output gradients and the inputs and writes every
   input gradient. The thresholded step keeps the order statistics its radix select found for the backward.
   guidance_rescale's per-sample std terms are differentiated by torch (fastddim.reference.guided_output).
+  Under torch.compile the step is fastddim.ops' custom op, whose registered backward is the custom op
+  torch.ops.fastddim.ddim_step_backward around the same kernel.
 
 `fastddim.ops.dispatch` routes a step here only when grad mode is on and an input requires grad, so inference
 pays one attribute check. The backward is not itself differentiable (no double backward).
