@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from fastddim import reference, threshold
+from fastddim import autograd, reference, threshold
 from fastddim.schedule import ROW_WIDTH, as_table
 
 BACKENDS = ("torch", "triton")
@@ -258,6 +258,11 @@ def dispatch(model_output, sample, table, timestep, *, eta, prediction_type, cli
             float(clip_sample_range), bool(use_clipped_model_output), variance_noise, philox_state, uncond_output,
             float(guidance_scale), float(guidance_rescale), bool(thresholding), float(dynamic_thresholding_ratio),
             float(sample_max_value))
+    if autograd.requires_grad(model_output, sample, uncond_output, variance_noise) and (
+        not torch.compiler.is_compiling()
+    ):
+        return autograd.triton_step(*args, write_prev_sample=write_prev_sample,
+                                    write_pred_original_sample=write_pred_original_sample, process_group=process_group)
     if process_group is not None and thresholding:
         return _triton_step(*args, write_prev_sample=write_prev_sample,
                             write_pred_original_sample=write_pred_original_sample, process_group=process_group)
@@ -308,3 +313,6 @@ def _(model_output, sample, table, timestep_tensor, timestep_value, eta, predict
 
     outputs, _, _ = allocate_outputs(model_output, sample, uncond_output, variance_noise, philox_state is not None)
     return outputs
+
+
+autograd.register_step_op_autograd(_triton_step_op)

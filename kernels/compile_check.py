@@ -20,7 +20,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from fastddim.kernels import ddim, threshold  # noqa: E402
+from fastddim.kernels import ddim, ddim_backward, threshold  # noqa: E402
 
 POINTER = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32", "fp64": "*fp64"}
 
@@ -91,6 +91,28 @@ def threshold_variants(stride: int = 5):
         yield threshold._threshold_select_kernel, types, constexprs
 
 
+def backward_variants(stride: int = 5):
+    """(types, constexprs) covering every value of every constexpr of the fused backward kernel."""
+    dtypes = ["fp16", "bf16", "fp32", "fp64"]
+    combos = itertools.product(range(3), range(3), range(3), [False, True], [False, True], [False, True])
+    for i, (prediction, timestep_mode, guidance, clip, threshold_, use_clipped) in enumerate(combos):
+        if i % stride:
+            continue
+        dtype = dtypes[i % len(dtypes)]
+        math = "*fp64" if dtype == "fp64" else "*fp32"
+        types = {name: POINTER[dtype] for name in ("grad_prev_ptr", "grad_x0_ptr", "model_output_ptr", "uncond_ptr",
+                                                   "sample_ptr", "grad_model_ptr", "grad_uncond_ptr",
+                                                   "grad_sample_ptr", "grad_noise_ptr")}
+        types.update(table_ptr="*fp64", timestep_ptr="*i64", stats_ptr="*fp64", threshold_ptr=math,
+                     order_ptr=math, grad_threshold_ptr="*fp64", position_ptr="*i64")
+        constexprs = dict(PREDICTION=prediction, CLIP=clip, USE_CLIPPED=use_clipped, TIMESTEP_MODE=timestep_mode,
+                          GUIDANCE=guidance, THRESHOLD=threshold_, HAS_GRAD_PREV=i % 4 != 1,
+                          HAS_GRAD_X0=i % 4 != 2, WRITE_MODEL=i % 5 != 3, WRITE_UNCOND=guidance == 1,
+                          WRITE_SAMPLE=i % 3 != 2, WRITE_NOISE=i % 2 == 0, INT64=bool(i % 3 == 0),
+                          MATH_FP64=dtype == "fp64", BLOCK=ddim.BLOCK_SIZE)
+        yield types, constexprs
+
+
 def compile_all(targets=(GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)), stride: int = 7,
                 verbose=True) -> int:
     """Compile the variants for every target; returns how many were compiled (raises on the first error)."""
@@ -98,6 +120,8 @@ def compile_all(targets=(GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)), 
     jobs.append((ddim._guidance_stats_kernel, {"cond_ptr": "*fp16", "uncond_ptr": "*fp16", "sums_ptr": "*fp64"},
                  dict(BLOCK=ddim.STATS_BLOCK_SIZE)))
     jobs.extend(threshold_variants(max(stride, 5)))
+    jobs.extend((ddim_backward._ddim_step_backward_kernel, types, constexprs)
+                for types, constexprs in backward_variants(max(stride, 5)))
     count = 0
     for target in targets:
         for kernel, types, constexprs in jobs:

@@ -409,6 +409,7 @@ def ddim_step(
     dynamic_thresholding_ratio: float = 0.995,
     sample_max_value: float = 1.0,
     threshold_reduce=None,
+    thresholds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Fused DDIM step on the Triton kernel; returns `(prev_sample, pred_original_sample)`.
 
@@ -438,6 +439,8 @@ def ddim_step(
             `kernels/threshold.py` (which read the inputs again, never a stored x0), then applied in this step.
         threshold_reduce: for a sample sharded across processes, `reduce(tensor, op)` all-reduces ("sum" or
             "max") the threshold's per-sample counts in place (see `kernels.threshold.threshold_scale`).
+        thresholds: with thresholding, the per-sample thresholds `sample_thresholds` already found for these
+            inputs (the autograd forward keeps its order statistics for the backward); None: found here.
     """
     table, timestep = as_table(table, timestep)
     (prev, x0), shared_dense, inputs = allocate_outputs(model_output, sample, uncond_output, variance_noise,
@@ -485,7 +488,9 @@ def ddim_step(
     int64 = needs_int64(n_elements, inputs)
     math_fp64 = out_dtype == torch.float64
     threshold = table
-    if thresholding:
+    if thresholding and thresholds is not None:
+        threshold = thresholds
+    elif thresholding:
         from .threshold import threshold_scale  # threshold.py builds on this module's helpers
 
         threshold = threshold_scale(
