@@ -267,8 +267,16 @@ def dispatch(model_output, sample, table, timestep, *, eta, prediction_type, cli
         return _triton_step(*args, write_prev_sample=write_prev_sample,
                             write_pred_original_sample=write_pred_original_sample, process_group=process_group)
     if torch.compiler.is_compiling():
-        # The custom op always returns both outputs (its schema has two tensors); drop the one not asked for.
-        prev, x0 = _triton_step_op(*args)
+        # The custom ops always return both outputs (their schema has two tensors); drop the one not asked for.
+        if philox_state is None:
+            prev, x0 = _triton_step_op(*args)
+        elif autograd.requires_grad(model_output, sample, uncond_output, variance_noise):
+            raise NotImplementedError(
+                "gradients through a compiled step that draws PhiloxGenerator noise are not supported: pass "
+                "variance_noise (or a torch.Generator) instead, or run the step eagerly"
+            )
+        else:
+            prev, x0 = _triton_step_philox_op(*args)
         return (prev if write_prev_sample else None), (x0 if write_pred_original_sample else None)
     return _triton_step(*args, write_prev_sample=write_prev_sample,
                         write_pred_original_sample=write_pred_original_sample)
@@ -290,12 +298,29 @@ def _triton_step(model_output, sample, table, timestep_tensor, timestep_value, e
     )
 
 
-# The kernel moves the Philox offsets on in place (no second launch), so the op declares that mutation.
-@torch.library.custom_op("fastddim::ddim_step", mutates_args=("philox_state",))
+# Two custom ops: torch.library registers autograd formulas only for functional ops, and the Philox variant
+# moves its generator's offsets on in place (no second launch), so it declares that mutation and has no formula.
+@torch.library.custom_op("fastddim::ddim_step", mutates_args=())
 def _triton_step_op(
     model_output: torch.Tensor, sample: torch.Tensor, table: torch.Tensor, timestep_tensor: torch.Tensor | None,
     timestep_value: int, eta: float, prediction_type: str, clip_sample: bool, clip_sample_range: float,
     use_clipped_model_output: bool, variance_noise: torch.Tensor | None, philox_state: torch.Tensor | None,
+    uncond_output: torch.Tensor | None, guidance_scale: float, guidance_rescale: float, thresholding: bool = False,
+    dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if philox_state is not None:
+        raise ValueError("fastddim::ddim_step draws no noise in the kernel: use fastddim::ddim_step_philox")
+    return _triton_step(model_output, sample, table, timestep_tensor, timestep_value, eta, prediction_type,
+                        clip_sample, clip_sample_range, use_clipped_model_output, variance_noise, None,
+                        uncond_output, guidance_scale, guidance_rescale, thresholding, dynamic_thresholding_ratio,
+                        sample_max_value)
+
+
+@torch.library.custom_op("fastddim::ddim_step_philox", mutates_args=("philox_state",))
+def _triton_step_philox_op(
+    model_output: torch.Tensor, sample: torch.Tensor, table: torch.Tensor, timestep_tensor: torch.Tensor | None,
+    timestep_value: int, eta: float, prediction_type: str, clip_sample: bool, clip_sample_range: float,
+    use_clipped_model_output: bool, variance_noise: torch.Tensor | None, philox_state: torch.Tensor,
     uncond_output: torch.Tensor | None, guidance_scale: float, guidance_rescale: float, thresholding: bool = False,
     dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,14 +330,16 @@ def _triton_step_op(
                         sample_max_value)
 
 
-@_triton_step_op.register_fake
-def _(model_output, sample, table, timestep_tensor, timestep_value, eta, prediction_type, clip_sample,
-      clip_sample_range, use_clipped_model_output, variance_noise, philox_state, uncond_output, guidance_scale,
-      guidance_rescale, thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0):
+def _fake_step(model_output, sample, table, timestep_tensor, timestep_value, eta, prediction_type, clip_sample,
+               clip_sample_range, use_clipped_model_output, variance_noise, philox_state, uncond_output,
+               guidance_scale, guidance_rescale, thresholding=False, dynamic_thresholding_ratio=0.995,
+               sample_max_value=1.0):
     from fastddim.kernels.ddim import allocate_outputs
 
     outputs, _, _ = allocate_outputs(model_output, sample, uncond_output, variance_noise, philox_state is not None)
     return outputs
 
 
+_triton_step_op.register_fake(_fake_step)
+_triton_step_philox_op.register_fake(_fake_step)
 autograd.register_step_op_autograd(_triton_step_op)

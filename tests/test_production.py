@@ -424,10 +424,13 @@ def test_custom_op_passes_torch_library_opcheck():
     args = (randn(*SHAPE, seed=23), randn(*SHAPE, seed=24), table, torch.tensor(501, device=DEVICE), 0, 0.5,
             "epsilon", True, 1.0, False, None, PhiloxGenerator(seeds=[1, 2, 3], device=DEVICE).buffer, None, 1.0,
             0.0)
-    torch.library.opcheck(torch.ops.fastddim.ddim_step.default, args)
+    torch.library.opcheck(torch.ops.fastddim.ddim_step_philox.default, args)
     channels_last = (args[0].contiguous(memory_format=torch.channels_last),
                      args[1].contiguous(memory_format=torch.channels_last)) + args[2:]
-    torch.library.opcheck(torch.ops.fastddim.ddim_step.default, channels_last)
+    torch.library.opcheck(torch.ops.fastddim.ddim_step_philox.default, channels_last)
+    noise = randn(*SHAPE, seed=25)
+    functional = args[:10] + (noise, None) + args[12:]
+    torch.library.opcheck(torch.ops.fastddim.ddim_step.default, functional)
 
 
 # ----------------------------------------------------------------------------------------------------------
