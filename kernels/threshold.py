@@ -142,14 +142,14 @@ def _threshold_pass_kernel(
         n_chunks = tl.where(want0 | want1, n_chunks, 0)
 
     # The sample's coefficients, once per program (float64 scalars).
-    sqrt_alpha_t64, sqrt_beta_t64, _, _, _ = _step_coefficients(
-        table_ptr, timestep_ptr, timestep, num_train_timesteps, 0.0, b, TIMESTEP_MODE)
+    coefficients = _step_coefficients(table_ptr, timestep_ptr, timestep, num_train_timesteps, 0.0, b,
+                                      TIMESTEP_MODE)
     if MATH_FP64:
         math_dtype = tl.float64
     else:
         math_dtype = tl.float32
-    sqrt_alpha_t = sqrt_alpha_t64.to(math_dtype)
-    sqrt_beta_t = sqrt_beta_t64.to(math_dtype)
+    sqrt_alpha_t = coefficients[0].to(math_dtype)
+    sqrt_beta_t = coefficients[1].to(math_dtype)
     zero = tl.zeros([BLOCK], dtype=tl.int32)
     low = zero
     window = zero
