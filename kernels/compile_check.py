@@ -17,6 +17,8 @@ unspecialised (Triton also specialises those equal to 1 or divisible by 16 at la
 
     python -m fastddim.kernels.compile_check                 # sm_80, sm_90 and sm_100, one line per variant
     python -m fastddim.kernels.compile_check --arch 90 --every 5   # every 5th variant of the covering sets
+
+Triton caches compiled kernels (~/.triton/cache, or TRITON_CACHE_DIR): time it with an empty cache.
 """
 
 from __future__ import annotations
@@ -229,26 +231,42 @@ def compile_variant(kernel, types, constexprs, target: GPUTarget, options=None):
     return triton.compile(source, target=target, options=dict(ddim.LAUNCH_OPTIONS if options is None else options))
 
 
+def _compile_job(job) -> str:
+    """Compile variant `index` of all_variants() for `arch` (in a worker process: variants are rebuilt there,
+    kernels do not pickle); returns its report line."""
+    arch, index = job
+    kernel, types, constexprs = all_variants()[index]
+    compiled = compile_variant(kernel, types, constexprs, GPUTarget("cuda", arch, 32))
+    assert compiled.asm.get("cubin"), "no cubin produced"
+    flags = ",".join(f"{k}={v}" for k, v in constexprs.items() if k not in ("BLOCK", "NUM_BINS"))
+    pointers = ",".join(f"{k[:-4]}={v[1:]}" for k, v in types.items() if k.endswith("_ptr"))
+    return f"sm_{arch} {kernel.__name__}[{flags}] ({pointers}) ok"
+
+
 def compile_all(targets=tuple(GPUTarget("cuda", arch, 32) for arch in DEFAULT_ARCHS), every: int = 1,
-                verbose=True) -> int:
-    """Compile the covering sets (every `every`-th variant of each; 1: all) for every target; returns how many
-    were compiled (raises on the first error)."""
-    jobs = all_variants()
-    count = 0
-    for target in targets:
-        kernels_seen = {}
-        for kernel, types, constexprs in jobs:
-            index = kernels_seen[kernel.__name__] = kernels_seen.get(kernel.__name__, -1) + 1
-            if index % every:
-                continue
-            compiled = compile_variant(kernel, types, constexprs, target)
-            assert compiled.asm.get("cubin"), "no cubin produced"
-            count += 1
+                verbose=True, jobs: int = 1) -> int:
+    """Compile the covering sets (every `every`-th variant of each; 1: all) for every target, in `jobs`
+    processes; returns how many were compiled (raises on the first error)."""
+    selected, seen = [], {}
+    for index, (kernel, _, _) in enumerate(all_variants()):
+        position = seen[kernel.__name__] = seen.get(kernel.__name__, -1) + 1
+        if position % every == 0:
+            selected.append(index)
+    work = [(target.arch, index) for target in targets for index in selected]
+    if jobs > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+            lines = pool.imap(_compile_job, work)
+            for line in lines:
+                if verbose:
+                    print(line, flush=True)
+    else:
+        for job in work:
+            line = _compile_job(job)
             if verbose:
-                flags = ",".join(f"{k}={v}" for k, v in constexprs.items() if k not in ("BLOCK", "NUM_BINS"))
-                pointers = ",".join(f"{k[:-4]}={v[1:]}" for k, v in types.items() if k.endswith("_ptr"))
-                print(f"sm_{target.arch} {kernel.__name__}[{flags}] ({pointers}) ok")
-    return count
+                print(line, flush=True)
+    return len(work)
 
 
 def main(argv=None) -> int:
@@ -256,10 +274,13 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=list(DEFAULT_ARCHS),
                         help="compute capabilities to compile for (default: 80 90 100)")
     parser.add_argument("--every", type=int, default=1, help="compile every N-th variant of each covering set")
+    parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1,
+                        help="compiler processes (default: one per CPU)")
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    count = compile_all(tuple(GPUTarget("cuda", arch, 32) for arch in args.arch), args.every, not args.quiet)
+    count = compile_all(tuple(GPUTarget("cuda", arch, 32) for arch in args.arch), args.every, not args.quiet,
+                        args.jobs)
     print(f"{count} kernel variants compiled for {', '.join(f'sm_{a}' for a in args.arch)} with triton "
           f"{triton.__version__} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return 0
