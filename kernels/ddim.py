@@ -191,7 +191,7 @@ def _ddim_step_kernel(
     MATH_FP64: tl.constexpr,
     WRITE_PREV: tl.constexpr,
     WRITE_X0: tl.constexpr,  # False when the caller computes pred_original_sample only if it is read
-    THRESHOLD: tl.constexpr,  # clamp/divide x0 by the per-sample threshold_ptr[batch] (precedes CLIP)
+    THRESHOLD: tl.constexpr,  # clamp/divide x0 by the per-sample threshold_ptr[sample] (precedes CLIP)
     BLOCK: tl.constexpr,
 ):
     tl.static_assert(SAMPLE_PROGRAMS or (TIMESTEP_MODE != 2 and GUIDANCE != 2 and not THRESHOLD),
