@@ -347,6 +347,32 @@ def run_select(counts, extremes, ratio, dtype, on_device=False):
     return values
 
 
+@pytest.mark.parametrize("n", [4 * 64 * 64, 2**24, 2**24 + 4])
+def test_select_indices_match_torch_quantile_at_adversarial_sizes(n):
+    """The indices and weight the select kernel reads (computed on the host by torch's ops) against an
+    independent float32 computation (numpy) and, within its limit, torch.quantile of 0, 1, ..., n - 1 itself.
+    A kernel computing them was contracted to an fma on sm_90: weight 0.08508 instead of 0.08496 at 0.995 over
+    4x64x64, -0.020 instead of 0 at 2**24 + 4."""
+    from fastddim.kernels import threshold as kt
+
+    for ratio in (0.995, 0.9, 1 / 3):
+        below, above, weight_bits = kt._quantile_indices_on_host(n, ratio, False)
+        rank = np.float32(ratio) * np.float32(n - 1)
+        weight = np.array(weight_bits, dtype=np.int32).view(np.float32)
+        assert (below, above) == (min(int(rank), n - 1), min(math.ceil(rank), n - 1)), f"ratio={ratio}"
+        assert weight == rank - np.float32(int(rank)), f"ratio={ratio}"
+        if n <= 2**24:
+            expected = torch.quantile(torch.arange(n, dtype=torch.float32), ratio)
+            got = torch.lerp(torch.tensor([float(below)]), torch.tensor([float(above)]), torch.tensor([float(weight)]))
+            assert_identical(got.view(()), expected, f"n={n} ratio={ratio}")
+    weight_bits = kt._quantile_indices_on_host(n, 0.995, False)[2]
+    weight = float(np.array(weight_bits, dtype=np.int32).view(np.float32))
+    if n == 4 * 64 * 64:
+        assert abs(weight - 0.08496) < 1e-4
+    if n == 2**24 + 4:
+        assert weight == 0.0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("n", [2**24 + 4, 2**31 + 7, 3 * 2**31 + 1, 10**12 + 3])
 @pytest.mark.parametrize("on_device", [False, True], ids=["host-indices", "device-indices"])
