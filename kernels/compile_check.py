@@ -7,7 +7,7 @@ and cubin for the given targets instead, with the launchers' options (`ddim.LAUN
 bundled ptxas, not a GPU.
 
 What it covers: a variant is fixed by the compile-time parameters (constexprs) and the dtypes of the pointer
-arguments. Users can reach about a million step-kernel variants (every input dtype, timestep dtype and option),
+arguments. Users can reach about 2.7 million step-kernel variants (every input dtype, timestep dtype and option),
 too many to compile, so for each kernel it compiles a covering set: every pair of values of any two of its
 parameters (each constexpr, each input's dtype, the timestep tensor's dtype, the 64-bit integer arguments)
 appears together in at least one compiled variant, among the combinations the launchers produce (uncond_output's
