@@ -60,10 +60,11 @@ def quantile_indices(n, ratio: float, dtype: torch.dtype, device=None):
     """(below, above, weight) of torch.quantile(row, ratio) for rows of `n` elements (an int or an int64 tensor):
     the order statistics it interpolates and the weight, computed as torch computes them. For n - 1 past 2**24
     in float32 the rank is rounded as torch rounds it and the indices are kept within the row."""
-    q = torch.tensor(ratio, dtype=dtype, device=device)
     if not isinstance(n, torch.Tensor):
         n = torch.tensor(n, dtype=torch.int64, device=device)
-    rank = q * (n - 1)
+    # torch.quantile's q * last_index: n - 1 rounded to the dtype, times q (a scalar holding the dtype's value
+    # of ratio, so a device `n` needs no host-to-device copy), rounded once.
+    rank = (n - 1).to(dtype) * torch.tensor(ratio, dtype=dtype).item()
     floor = rank.to(torch.int64)
     below = torch.minimum(floor, n - 1)
     above = torch.minimum(rank.ceil().to(torch.int64), n - 1)

@@ -23,8 +23,9 @@ from fastddim.schedule import SQRT_ALPHA_T, SQRT_BETA_T, as_table
 from fastddim.threshold import window_bits
 
 from .ddim import (
-    BLOCK_SIZE, GUIDANCE_CFG, GUIDANCE_NONE, GUIDANCE_RESCALED, PREDICTION_CODES, TIMESTEP_PER_SAMPLE,
-    TIMESTEP_SCALAR, TIMESTEP_TENSOR, _divide, _float64, _predicted_x0_eps, _step_coefficients, float64_bits,
+    BLOCK_SIZE, GUIDANCE_CFG, GUIDANCE_NONE, GUIDANCE_RESCALED, LAUNCH_OPTIONS, PREDICTION_CODES,
+    TIMESTEP_PER_SAMPLE, TIMESTEP_SCALAR, TIMESTEP_TENSOR, _clamp, _divide, _float64, _predicted_x0_eps,
+    _step_coefficients, float64_bits,
     guidance_std_ratio,
 )
 from .threshold import _abs_bits
@@ -72,7 +73,7 @@ def _ddim_step_backward_kernel(
     batch = within * 0 + sample_index
 
     sqrt_alpha_t64, sqrt_beta_t64, sqrt_alpha_prev64, direction64, std64 = _step_coefficients(
-        table_ptr, timestep_ptr, timestep, num_train_timesteps, eta, batch, mask, TIMESTEP_MODE)
+        table_ptr, timestep_ptr, timestep, num_train_timesteps, eta, sample_index, TIMESTEP_MODE)
     if MATH_FP64:
         math_dtype = tl.float64
     else:
@@ -104,14 +105,12 @@ def _ddim_step_backward_kernel(
 
     if CLIP or THRESHOLD:
         x0, _, _ = _predicted_x0_eps(model_output_ptr, uncond_ptr, sample_ptr, stats_ptr, offsets, offsets, offsets,
-                                     batch, mask, sqrt_alpha_t, sqrt_beta_t, guidance_scale_bits,
+                                     sample_index, mask, sqrt_alpha_t, sqrt_beta_t, guidance_scale_bits,
                                      guidance_rescale_bits, PREDICTION, GUIDANCE, MATH_FP64)
         if THRESHOLD:
             # y = clamp(x0, -s, s) / s: torch's gradients of the division and of clamp with tensor bounds.
-            s = tl.load(threshold_ptr + batch, mask=mask, other=1.0).to(math_dtype)
-            clamped = tl.minimum(tl.maximum(x0, -s, propagate_nan=tl.PropagateNan.ALL), s,
-                                 propagate_nan=tl.PropagateNan.ALL)
-            thresholded = _divide(clamped, s, MATH_FP64)
+            s = tl.load(threshold_ptr + sample_index).to(math_dtype)
+            thresholded = _divide(_clamp(x0, s), s, MATH_FP64)
             grad_clamped = _divide(grad_clipped, s, MATH_FP64)
             zero = tl.zeros([BLOCK], dtype=math_dtype)
             grad_s = (tl.where(x0 > s, grad_clamped, zero) - tl.where(x0 < -s, grad_clamped, zero)
@@ -121,9 +120,8 @@ def _ddim_step_backward_kernel(
             grad_raw = tl.where((x0 >= -s) & (x0 <= s), grad_clamped, zero)
             # The positions of the order statistics torch.quantile interpolates (their |x0| bit patterns).
             bits = _abs_bits(x0, MATH_FP64)
-            lower_bits = _abs_bits(tl.load(order_ptr + batch, mask=mask, other=0.0).to(math_dtype), MATH_FP64)
-            upper_bits = _abs_bits(tl.load(order_ptr + batch_size + batch, mask=mask, other=0.0).to(math_dtype),
-                                   MATH_FP64)
+            lower_bits = _abs_bits(tl.load(order_ptr + sample_index).to(math_dtype), MATH_FP64)
+            upper_bits = _abs_bits(tl.load(order_ptr + batch_size + sample_index).to(math_dtype), MATH_FP64)
             sign_code = tl.where(x0 > 0, 0, tl.where(x0 < 0, 1, 2))
             key = within.to(tl.int64) * 4 + sign_code
             tl.atomic_min(position_ptr + batch * 2, key, mask=mask & (bits == lower_bits))
@@ -314,6 +312,7 @@ def ddim_step_backward(
         INT64=int64,
         MATH_FP64=math_dtype == torch.float64,
         BLOCK=BLOCK_SIZE,
+        **LAUNCH_OPTIONS,  # x0 recomputed bit for bit as the forward computed it (clamp masks, order statistics)
     )
     if thresholding:
         _add_order_statistic_gradients(
