@@ -272,7 +272,10 @@ class _DDIMBase(SchedulerConfigMixin):
         copies are updated in place, so a captured CUDA graph reads the new values too."""
         state = self.__dict__.get("_table_state")
         alphas, boundary = self.__dict__["_alphas_cumprod"], self._boundary_alpha_cumprod()
-        if state is not None and not state[0].changed(alphas) and not state[1].changed(boundary):
+        # (A compiled step does not re-check version counters, which dynamo cannot guard on: it keeps its table
+        # until an attribute is assigned again.)
+        if state is not None and (torch.compiler.is_compiling()
+                                  or not state[0].changed(alphas) and not state[1].changed(boundary)):
             return state[2], state[3]
         if self.num_inference_steps is None:
             return None, None

@@ -429,14 +429,3 @@ def test_thresholded_loop_matches_diffusers(prediction_type, backend):
         sample = ours_out.prev_sample
     assert backend == "torch" or inside > 0
 
-
-def test_lazy_pred_original_sample_with_thresholding():
-    ours = fastddim.DDIMScheduler(thresholding=True, sample_max_value=3.0)
-    ours.set_timesteps(10)
-    model_output, sample = randn((2, 3, 8, 8), seed=30, scale=2.0), randn((2, 3, 8, 8), seed=31, scale=3.0)
-    lazy = ours.step(model_output, 500, sample)
-    ours.lazy_pred_original_sample = False
-    eager = ours.step(model_output, 500, sample)
-    assert_identical(lazy.prev_sample, eager.prev_sample)
-    assert_identical(lazy.pred_original_sample, eager.pred_original_sample)
-
