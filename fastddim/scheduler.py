@@ -329,7 +329,7 @@ class _DDIMBase(SchedulerConfigMixin):
 
     def _resolve_timestep(self, timestep, sample: torch.Tensor):
         """An int (checked against the table) for host timesteps; device tensors stay on the device unread."""
-        num_train = len(self._host_rows)
+        num_train = len(self.__dict__["_alphas_cumprod"])  # one per training timestep (checked when set)
         if type(timestep) is int and 0 <= timestep < num_train:  # the common case, kept short
             return timestep
         timestep = ops.check_timestep(timestep, sample.shape[0] if sample.dim() else 1)
