@@ -389,6 +389,19 @@ def test_thresholding_with_sample_max_value_below_one_runs_as_diffusers(max_valu
         assert_same_step(ours, theirs, timestep=t)
 
 
+def test_thresholding_below_one_propagates_nan_as_diffusers(backend):
+    # A NaN in x0 makes torch.quantile, hence the whole sample's threshold, NaN; the other sample is unaffected.
+    ours, theirs = pair(thresholding=True, sample_max_value=0.5)
+    ours.set_timesteps(10)
+    theirs.set_timesteps(10)
+    model_output, sample = randn(1), randn(2)
+    model_output[0, 1, 2, 3] = float("nan")
+    out = ours.step(model_output, 501, sample).prev_sample
+    reference = theirs.step(model_output, 501, sample).prev_sample
+    assert torch.equal(out.isnan(), reference.isnan()) and out[0].isnan().all()
+    torch.testing.assert_close(out[1], reference[1], **STEP_TOLERANCE)
+
+
 @pytest.mark.parametrize("timestep", [5000, 1000, -1])
 def test_functional_step_refuses_host_timesteps_outside_the_table(timestep, backend):
     scheduler = fastddim.DDIMScheduler()

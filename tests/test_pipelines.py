@@ -293,7 +293,7 @@ def test_fresh_process_fastddim_imported_first_scheduler_built_after_diffusers(t
 def test_fresh_process_loading_a_fastddim_pipeline_needs_fastddim_imported(tmp_path, unet):
     # diffusers 0.42 imports only the libraries it knows when loading, never one merely named in
     # model_index.json: a process must import fastddim before DiffusionPipeline.from_pretrained. Once it has,
-    # fastddim registers itself on import and the pipeline loads.
+    # diffusers finds it in sys.modules (model_index.json names "fastddim") and the pipeline loads.
     diffusers.DDPMPipeline(unet=unet, scheduler=fastddim.DDIMScheduler(**SCHEDULER_CONFIGS["stable-diffusion"])
                            ).save_pretrained(tmp_path)
     result = save_and_load_in_fresh_process("load-only", tmp_path)
