@@ -200,6 +200,10 @@ def ddim_step(
     ):
         raise TypeError(f"table must be a float64 tensor of shape (num_train_timesteps, {ROW_WIDTH}): a step_table")
     timestep = check_timestep(timestep, sample.shape[0] if sample.dim() else 1)
+    num_train = table.shape[0]
+    # An int timestep is checked as scheduler.step checks it; a tensor is never read by the host (NaN outputs).
+    if isinstance(timestep, int) and not 0 <= timestep < num_train:
+        raise ValueError(f"timestep must be in [0, {num_train}) (the table's rows), got {timestep}")
     if variance_noise is not None and philox_state is not None:
         raise ValueError("pass either variance_noise or philox_state, not both")
     if philox_state is not None:
@@ -220,7 +224,9 @@ def ddim_step(
         dynamic_thresholding_ratio = check_real("dynamic_thresholding_ratio", dynamic_thresholding_ratio)
         if not 0 < dynamic_thresholding_ratio <= 1:
             raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio}")
-        sample_max_value = check_real("sample_max_value", sample_max_value, minimum=1.0)
+        sample_max_value = check_real("sample_max_value", sample_max_value)
+        if not sample_max_value > 0:  # below 1 it is the threshold itself, as in diffusers
+            raise ValueError(f"sample_max_value must be a finite number > 0, got {sample_max_value}")
     if backend == "triton" and table.device != sample.device:
         raise ValueError(f"table must be on the device of sample ({sample.device}) for the triton backend")
     return dispatch(

@@ -13,13 +13,14 @@ import numbers
 import torch
 
 from fastddim import ops
+from fastddim.config import diffusers_bases
 from fastddim.schedule import ddim_variance, step_table
 from fastddim.scheduler import DDIMScheduler
 
 _CPU = torch.device("cpu")
 
 
-class DDIMParallelScheduler(DDIMScheduler):
+class DDIMParallelScheduler(DDIMScheduler, *diffusers_bases("scheduling_ddim_parallel", "DDIMParallelScheduler")):
     """DDIM with batched per-sample timesteps for parallel sampling: a drop-in for diffusers'
     `DDIMParallelScheduler`.
 
@@ -52,6 +53,7 @@ class DDIMParallelScheduler(DDIMScheduler):
 
     # ParaDiGMS adds no noise of its own for an ODE scheduler (DDIM at eta 0).
     _is_ode_scheduler = True
+    __module__ = "fastddim"  # public under fastddim's name, as DDIMScheduler
 
     def _get_variance(self, timestep, prev_timestep=None) -> torch.Tensor:
         """The DDIM variance between `timestep` and `prev_timestep` (float32, as diffusers computes it).

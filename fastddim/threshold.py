@@ -282,7 +282,9 @@ def threshold_scale(x0: torch.Tensor, ratio: float, max_value: float, process_gr
     flat = x0.reshape(batch, -1)
     lo, hi, bound = window_bits(max_value, x0.dtype)
     bits = abs_bits(flat)
-    if process_group is not None or radix:
+    # An empty window (sample_max_value <= 1: s is sample_max_value, or NaN/inf from non-finite values) needs only
+    # the counts, which the radix path takes without any histogram.
+    if process_group is not None or radix or hi <= lo:
         reduce = all_reduce_hook(process_group) if process_group is not None else None
         lower, upper, weight = _radix_order_statistics(bits, ratio, x0.dtype, lo, hi, reduce)
     else:

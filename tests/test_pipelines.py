@@ -287,7 +287,7 @@ def assert_round_trip_worked(result: dict, out_dir, unet):
     """The fresh process saved and reloaded a fastddim scheduler, and its images match this process's run."""
     assert "error" not in result, result.get("error")
     assert result.get("model_index_scheduler", ["fastddim", "DDIMScheduler"]) == ["fastddim", "DDIMScheduler"]
-    assert result["loaded_scheduler"] == "fastddim.scheduler.DDIMScheduler"
+    assert result["loaded_scheduler"] == "fastddim.DDIMScheduler"
     expected_config = fastddim.DDIMScheduler(**SCHEDULER_CONFIGS["stable-diffusion"]).config
     assert result["loaded_config"] == json.loads(json.dumps(public(expected_config)))
     pipe = quiet(diffusers.DDPMPipeline(
@@ -303,7 +303,7 @@ def test_fresh_process_fastddim_imported_first_scheduler_built_after_diffusers(t
 def test_fresh_process_loading_a_fastddim_pipeline_needs_fastddim_imported(tmp_path, unet):
     # diffusers 0.42 imports only the libraries it knows when loading, never one merely named in
     # model_index.json: a process must import fastddim before DiffusionPipeline.from_pretrained. Once it has,
-    # fastddim registers itself on import and the pipeline loads.
+    # diffusers finds it in sys.modules (model_index.json names "fastddim") and the pipeline loads.
     diffusers.DDPMPipeline(unet=unet, scheduler=fastddim.DDIMScheduler(**SCHEDULER_CONFIGS["stable-diffusion"])
                            ).save_pretrained(tmp_path)
     result = save_and_load_in_fresh_process("load-only", tmp_path)

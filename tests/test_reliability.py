@@ -216,7 +216,9 @@ def test_fuzz_add_noise_and_get_velocity(shape, timestep, dtype, per_sample):
     (dict(steps_offset=-1), ValueError, "steps_offset"),
     (dict(dynamic_thresholding_ratio=0.0), ValueError, "dynamic_thresholding_ratio"),
     (dict(dynamic_thresholding_ratio=1.5), ValueError, "dynamic_thresholding_ratio"),
-    (dict(sample_max_value=0.5), ValueError, "sample_max_value"),
+    (dict(sample_max_value=0.0), ValueError, "sample_max_value"),  # below 1 but > 0 is valid, as in diffusers
+    (dict(sample_max_value=-1.0), ValueError, "sample_max_value"),
+    (dict(sample_max_value=float("inf")), ValueError, "sample_max_value"),
     (dict(beta_schedule="cosine"), ValueError, "beta_schedule"),
     (dict(prediction_type="x0"), ValueError, "prediction_type"),
     (dict(timestep_spacing="even"), ValueError, "timestep_spacing"),

@@ -1005,7 +1005,8 @@ def test_step_output_object(kind, backend):
     assert out.prev_sample is out[0] is out["prev_sample"]
     assert out.pred_original_sample is out[1] is out["pred_original_sample"]
     assert list(out.keys()) == list(reference.keys())
-    prev, x0 = out  # unpacks like diffusers' BaseOutput
+    assert list(out) == list(reference)  # iterates like diffusers' BaseOutput: over its keys
+    prev, x0 = out.to_tuple()
     assert prev is out.prev_sample and x0 is out.pred_original_sample
     as_tuple = ours.step(model_output, 500, sample, return_dict=False)
     assert isinstance(as_tuple, tuple) and len(as_tuple) == 2
