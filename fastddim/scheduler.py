@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-import functools
 
 import numpy as np
 import torch
@@ -19,6 +18,7 @@ import torch
 from fastddim import ops, reference
 from fastddim.config import SchedulerMixin, register_to_config
 from fastddim.noise import PhiloxGenerator, randn_tensor
+from fastddim.plan import StepOptions
 from fastddim.schedule import (
     BETA_PREV,
     BETA_SCHEDULES,
@@ -231,15 +231,17 @@ class _DDIMBase(SchedulerMixin):
         if device is not None:
             self._table_on(torch.device(device))
 
-    def _resolve_timestep(self, timestep, sample: torch.Tensor):
-        """An int (checked against the table) for host timesteps; device tensors stay on the device unread."""
+    def _resolve_timestep(self, timestep, sample):
+        """An int (checked against the table) for host timesteps; device tensors stay on the device unread (their
+        dtype and shape are checked with the step's plan, see ops.dispatch)."""
         num_train = len(self._host_rows)
         if type(timestep) is int and 0 <= timestep < num_train:  # the common case, kept short
             return timestep
-        timestep = ops.check_timestep(timestep, sample.shape[0] if sample.dim() else 1)
+        if isinstance(timestep, torch.Tensor) and (not timestep.is_cpu or torch.compiler.is_compiling()):
+            return timestep  # no host read: a timestep outside the table gives NaN (see kernels/ddim.py)
+        batch = sample.shape[0] if isinstance(sample, torch.Tensor) and sample.dim() else 1
+        timestep = ops.check_timestep(timestep, batch)
         if isinstance(timestep, torch.Tensor):
-            if timestep.device.type != "cpu" or torch.compiler.is_compiling():
-                return timestep  # no host read: a timestep outside the table gives NaN (see kernels/ddim.py)
             if timestep.numel() == 1:
                 timestep = int(timestep.item())
             else:
@@ -270,37 +272,32 @@ class _DDIMBase(SchedulerMixin):
                   guidance_rescale=0.0, thresholding=False, return_dict=True, process_group=None):
         if self.num_inference_steps is None:
             raise ValueError("num_inference_steps is not set: call set_timesteps(num_inference_steps) before step")
-        ops.check_step_inputs(model_output, sample, variance_noise, uncond_output)
         timestep = self._resolve_timestep(timestep, sample)
-        if eta > 1 and isinstance(timestep, int):
-            row = self._table[timestep]
-            if float(row[BETA_PREV]) - eta * eta * float(row[VARIANCE]) < 0:
+        if eta > 1 and type(timestep) is int:
+            row = self._host_rows[timestep]
+            if row[BETA_PREV] - eta * eta * row[VARIANCE] < 0:
                 raise ValueError(
                     f"eta={eta} is too large at timestep {timestep}: 1 - alpha_prev - eta^2 * variance < 0 "
                     "(diffusers would return NaN there); use eta <= 1"
                 )
-        backend = ops.select_backend(sample.device)
         process_group = process_group if thresholding else None
-        host_row = isinstance(timestep, int) and backend == "torch"
-        table = self._host_rows if host_row else self._table_on(sample.device)
-        # Everything was checked above or at construction: skip ops.ddim_step's checks (a step on small
-        # tensors costs mostly Python).
-        step = functools.partial(
-            ops.dispatch, model_output, sample, table, timestep, eta=eta, thresholding=thresholding,
-            use_clipped_model_output=use_clipped_model_output, uncond_output=uncond_output,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, backend=backend,
-            process_group=process_group, **self._config_step_options(),
-        )
         # The kernel skips pred_original_sample unless it is read (not under torch.compile or CUDA-graph capture,
         # where the step must stay one static op, nor for a sharded thresholded step, whose collectives every
         # process must run at the same time).
         lazy = (
-            backend == "triton" and return_dict and self.lazy_pred_original_sample and process_group is None
-            and not torch.compiler.is_compiling()
-            and not (sample.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+            return_dict and self.lazy_pred_original_sample and process_group is None
+            and isinstance(sample, torch.Tensor) and not torch.compiler.is_compiling()
+            and ops.select_backend(sample.device) == "triton"
+            and not (sample.is_cuda and torch.cuda.is_current_stream_capturing())
         )
-        prev_sample, pred_original_sample = step(variance_noise=variance_noise, philox_state=philox_state,
-                                                 write_pred_original_sample=not lazy)
+        options = self._step_options(eta, use_clipped_model_output, thresholding, guidance_scale, guidance_rescale,
+                                     not lazy)
+        table = self._table if getattr(sample, "is_cpu", True) else self._table_on(sample.device)
+        # The tensors are checked once per step plan (ops.dispatch); the options were checked above or at
+        # construction.
+        prev_sample, pred_original_sample = ops.dispatch(model_output, sample, table, timestep, options,
+                                                         variance_noise, philox_state, uncond_output,
+                                                         process_group=process_group)
         if not return_dict:
             return (prev_sample, pred_original_sample)
         if lazy:
@@ -309,23 +306,35 @@ class _DDIMBase(SchedulerMixin):
                 inputs["uncond_output"] = uncond_output
             if isinstance(timestep, torch.Tensor):
                 inputs["timestep"] = timestep
-            return DDIMSchedulerOutput.deferred(prev_sample, lambda: step(write_prev_sample=False)[1], inputs)
+            x0_options = self._step_options(eta, use_clipped_model_output, thresholding, guidance_scale,
+                                            guidance_rescale, True, write_prev_sample=False)
+            return DDIMSchedulerOutput.deferred(
+                prev_sample, lambda: ops.dispatch(model_output, sample, table, timestep, x0_options, variance_noise,
+                                                  philox_state, uncond_output)[1], inputs)
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
 
-    def _config_step_options(self) -> dict:
-        """The step options the config sets, cached for as long as the config object stays the same (pipelines
-        may replace it, e.g. to fix steps_offset)."""
+    def _step_options(self, eta, use_clipped_model_output, thresholding, guidance_scale, guidance_rescale,
+                      write_pred_original_sample, write_prev_sample=True) -> StepOptions:
+        """The checked `StepOptions` of a step with these arguments and the config's settings, cached for as long
+        as the config object stays the same (pipelines may replace it, e.g. to fix steps_offset)."""
         config = self.config
-        cached = self.__dict__.get("_step_options")
+        cached = self.__dict__.get("_options_cache")
         if cached is None or cached[0] is not config:
-            options = dict(
-                prediction_type=config.prediction_type, clip_sample=config.clip_sample,
-                clip_sample_range=config.clip_sample_range,
+            cached = self._options_cache = (config, {})
+        key = (eta, use_clipped_model_output, thresholding, guidance_scale, guidance_rescale,
+               write_pred_original_sample, write_prev_sample)
+        options = cached[1].get(key)
+        if options is None:
+            options = cached[1][key] = StepOptions(
+                eta=eta, prediction_type=config.prediction_type, clip_sample=config.clip_sample,
+                clip_sample_range=config.clip_sample_range, thresholding=thresholding,
                 dynamic_thresholding_ratio=config.get("dynamic_thresholding_ratio", 0.995),
                 sample_max_value=config.get("sample_max_value", 1.0),
-            )
-            cached = self._step_options = (config, options)
-        return cached[1]
+                use_clipped_model_output=use_clipped_model_output, guidance_scale=guidance_scale,
+                guidance_rescale=guidance_rescale, write_prev_sample=write_prev_sample,
+                write_pred_original_sample=write_pred_original_sample,
+            ).checked(guided=True)
+        return options
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
