@@ -57,20 +57,29 @@ class GraphedStep:
         generator (`PhiloxGenerator`, *optional*): the device-side noise source, needed when eta > 0.
         use_clipped_model_output (`bool`, defaults to `False`): as in `step`.
         warmup (`int`, defaults to 2): eager runs on a side stream before capture.
+        static_model_output (`torch.Tensor`, *optional*), static_sample (`torch.Tensor`, *optional*): tensors of
+            the callers' own (e.g. the output buffer of a captured model) that the graph reads directly; by
+            default the step allocates its own. A call whose argument is that very tensor copies nothing.
 
     Call it as `step(model_output, timestep, sample)`; it returns a `DDIMSchedulerOutput` whose tensors are the
-    graph's static outputs.
+    graph's static outputs. Arguments other than the static tensors are copied into them first.
     """
 
     def __init__(self, scheduler, sample: torch.Tensor, eta: float = 0.0, generator: PhiloxGenerator | None = None,
-                 use_clipped_model_output: bool = False, warmup: int = 2):
+                 use_clipped_model_output: bool = False, warmup: int = 2,
+                 static_model_output: torch.Tensor | None = None, static_sample: torch.Tensor | None = None):
         _check_generator(eta, generator)
+        for name, static in (("static_model_output", static_model_output), ("static_sample", static_sample)):
+            if static is not None and (not isinstance(static, torch.Tensor) or static.shape != sample.shape
+                                       or static.device != sample.device or static.dtype != sample.dtype):
+                raise ValueError(f"{name} must be a tensor of the sample's shape {tuple(sample.shape)}, dtype "
+                                 f"{sample.dtype} and device {sample.device}")
         self.scheduler = scheduler
         self.eta = eta
         self.generator = generator
         self.use_clipped_model_output = use_clipped_model_output
-        self.static_model_output = torch.zeros_like(sample)
-        self.static_sample = torch.zeros_like(sample)
+        self.static_model_output = static_model_output if static_model_output is not None else torch.zeros_like(sample)
+        self.static_sample = static_sample if static_sample is not None else torch.zeros_like(sample)
         self.static_timestep = torch.zeros((), dtype=torch.int64, device=sample.device)
         self.graph, self.output = _capture(self._step, scheduler, sample.device, generator, warmup)
 
@@ -79,8 +88,10 @@ class GraphedStep:
                                    use_clipped_model_output=self.use_clipped_model_output, generator=self.generator)
 
     def __call__(self, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> DDIMSchedulerOutput:
-        self.static_model_output.copy_(model_output)
-        self.static_sample.copy_(sample)
+        if model_output is not self.static_model_output:
+            self.static_model_output.copy_(model_output)
+        if sample is not self.static_sample:
+            self.static_sample.copy_(sample)
         if isinstance(timestep, torch.Tensor):
             self.static_timestep.copy_(timestep.reshape(()))
         else:

@@ -261,20 +261,21 @@ class _HostRows:
 PLANS = PlanCache()
 
 
-def _timestep_key(timestep):
-    return tensor_key(timestep) if isinstance(timestep, torch.Tensor) else type(timestep)
-
-
 def plan_for(model_output, sample, table, timestep, options: StepOptions, variance_noise=None, philox_state=None,
              uncond_output=None, backend: str | None = None, process_group=None) -> StepPlan:
     """The cached `StepPlan` for a step with these tensors and checked options, built (and checked) on first use.
     Keyed on the options, the backend argument, FASTDDIM_BACKEND, every tensor's dtype, shape, strides and device,
     the timestep's kind and the process group; arguments that cannot be keyed go to the checks uncached."""
     try:
+        # tensor_key written out for the three tensors every step has: this runs at every step.
         key = (options, backend, _ENVIRON.get(_BACKEND_VARIABLE) if _ENVIRON is not None else backend_setting(),
-               tensor_key(model_output), tensor_key(sample),
-               tensor_key(table), _timestep_key(timestep), tensor_key(variance_noise), tensor_key(philox_state),
-               tensor_key(uncond_output), process_group)
+               model_output.dtype, model_output.shape, model_output.stride(), model_output.device,
+               sample.dtype, sample.shape, sample.stride(), sample.device,
+               table.dtype, table.shape, table.stride(), table.device,
+               tensor_key(timestep) if isinstance(timestep, torch.Tensor) else type(timestep),
+               None if variance_noise is None else tensor_key(variance_noise),
+               None if philox_state is None else tensor_key(philox_state),
+               None if uncond_output is None else tensor_key(uncond_output), process_group)
         plan = PLANS.get(key)
     except (AttributeError, TypeError):  # not tensors, or unhashable: the checks name the argument
         return build_plan(model_output, sample, table, timestep, options, variance_noise, philox_state,

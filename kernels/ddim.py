@@ -460,8 +460,12 @@ class StepLauncher:
             model_output, sample, uncond_output, variance_noise = (
                 t.contiguous() if t is not None else None for t in (model_output, sample, uncond_output,
                                                                      variance_noise))
-        prev = self.allocate(sample) if options.write_prev_sample else None
-        x0 = self.allocate(sample) if options.write_pred_original_sample else None
+        if self.shared_dense:  # the common case, kept short: this runs at every step
+            prev = torch.empty_like(sample, dtype=self.out_dtype) if options.write_prev_sample else None
+            x0 = torch.empty_like(sample, dtype=self.out_dtype) if options.write_pred_original_sample else None
+        else:
+            prev = self.allocate(sample) if options.write_prev_sample else None
+            x0 = self.allocate(sample) if options.write_pred_original_sample else None
         if self.timestep_mode == TIMESTEP_SCALAR:
             timestep_arg, timestep_ptr = int(timestep), table
         else:

@@ -403,3 +403,50 @@ def test_launcher_takes_the_jit_launch_where_it_cannot_launch_directly():
     other = RecordingKernel()
     launch.DirectLauncher(kernel, enabled=True)(other, (2,), args, constexprs)
     assert other.launches == [((2,), args, constexprs)] and len(kernel.launches) == 6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GraphedStep on the caller's static buffers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_graphed_step_reads_the_callers_static_buffers_without_copies(monkeypatch):
+    from fastddim.graphs import GraphedStep
+
+    monkeypatch.setenv("FASTDDIM_BACKEND", "torch")  # on the CPU the graphed step runs eagerly: torch ops only
+    scheduler = fastddim.DDIMScheduler()
+    scheduler.set_timesteps(50)
+    model_buffer, sample_buffer = randn(*SHAPE, seed=12), randn(*SHAPE, seed=13)
+    graphed = GraphedStep(scheduler, sample_buffer, static_model_output=model_buffer, static_sample=sample_buffer)
+    assert graphed.static_model_output is model_buffer and graphed.static_sample is sample_buffer
+    with RecordOps() as recorded:
+        got = graphed(model_buffer, 501, sample_buffer).prev_sample.clone()
+    assert not [op for op in recorded.ops if op.startswith("aten.copy_")], recorded.ops
+    assert torch.equal(got, scheduler.step(model_buffer, 501, sample_buffer).prev_sample)
+    # Any other tensor is copied into the static buffer first.
+    doubled = 2 * model_buffer
+    got = graphed(doubled, 501, sample_buffer).prev_sample
+    assert torch.equal(model_buffer, doubled)
+    assert torch.equal(got, scheduler.step(doubled, 501, sample_buffer).prev_sample)
+
+
+@pytest.mark.parametrize("bad", ["shape", "dtype", "list"])
+def test_graphed_step_rejects_static_buffers_unlike_the_sample(bad):
+    from fastddim.graphs import GraphedStep
+
+    scheduler = fastddim.DDIMScheduler()
+    scheduler.set_timesteps(50)
+    sample = randn(*SHAPE)
+    buffer = {"shape": randn(1, 3, 8, 8), "dtype": sample.double(), "list": sample.tolist()}[bad]
+    with pytest.raises(ValueError, match="static_model_output"):
+        GraphedStep(scheduler, sample, static_model_output=buffer)
