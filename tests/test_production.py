@@ -11,6 +11,7 @@ from conftest import DEVICE, assert_same_nonfinite, truth_alphas, truth_step
 import fastddim
 from fastddim import ops, reference
 from fastddim.graphs import GraphedLoop, GraphedStep
+from fastddim.plan import StepOptions
 from fastddim.noise import PhiloxGenerator
 
 SHAPE = (3, 4, 5, 6)
@@ -284,8 +285,9 @@ def test_compiled_guided_step_with_per_sample_timesteps(backend, dynamo_counters
 def test_custom_op_passes_torch_library_opcheck():
     scheduler = make_scheduler()
     table = scheduler._table_on(torch.device(DEVICE))
-    args = (randn(*SHAPE, seed=23), randn(*SHAPE, seed=24), table, torch.tensor(501, device=DEVICE), 0, 0.5,
-            "epsilon", True, 1.0, False, None, torch.tensor([1, 0], device=DEVICE), None, 1.0, 0.0)
+    options = StepOptions(eta=0.5, clip_sample=True).op_arguments()
+    args = (randn(*SHAPE, seed=23), randn(*SHAPE, seed=24), table, torch.tensor(501, device=DEVICE), 0, None,
+            torch.tensor([1, 0], device=DEVICE), None, *options)
     torch.library.opcheck(torch.ops.fastddim.ddim_step.default, args)
     channels_last = (args[0].contiguous(memory_format=torch.channels_last),
                      args[1].contiguous(memory_format=torch.channels_last)) + args[2:]
