@@ -325,6 +325,8 @@ class _DDIMBase(SchedulerMixin):
                write_pred_original_sample, write_prev_sample)
         options = cached[1].get(key)
         if options is None:
+            if len(cached[1]) >= 64:  # e.g. an eta sweep: keep the cache small
+                cached[1].clear()
             options = cached[1][key] = StepOptions(
                 eta=eta, prediction_type=config.prediction_type, clip_sample=config.clip_sample,
                 clip_sample_range=config.clip_sample_range, thresholding=thresholding,
