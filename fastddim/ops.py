@@ -305,8 +305,8 @@ def dispatch(model_output, sample, table, timestep, options: StepOptions, varian
                                    uncond_output, *options.op_arguments())
         return (prev if options.write_prev_sample else None), (x0 if options.write_pred_original_sample else None)
     return plan_for(model_output, sample, table, timestep, options, variance_noise, philox_state, uncond_output,
-                    backend, process_group)(model_output, sample, table, timestep, variance_noise, philox_state,
-                                            uncond_output)
+                    backend, process_group).run(model_output, sample, table, timestep, variance_noise, philox_state,
+                                                uncond_output)
 
 
 @torch.library.custom_op("fastddim::ddim_step", mutates_args=())

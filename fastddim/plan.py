@@ -146,32 +146,26 @@ class StepPlan:
         return self.run(model_output, sample, table, timestep, variance_noise, philox_state, uncond_output)
 
 
-class PlanCache:
-    """A bounded map from plan keys to `StepPlan`s; when full, it is emptied (plans are cheap to rebuild, and a
-    loop uses one or two).
+class PlanCache(dict):
+    """A bounded map from plan keys to `StepPlan`s (a dict, so that the lookup at every step is a C call); when
+    full, it is emptied (plans are cheap to rebuild, and a loop uses one or two).
 
     Args:
         capacity (`int`, defaults to 256): the most plans kept.
     """
 
     def __init__(self, capacity: int = 256):
+        super().__init__()
         self.capacity = capacity
-        self._plans: dict = {}
         self.builds = 0  # how many plans were built since the last clear (tests read it)
 
-    def get(self, key):
-        return self._plans.get(key)
-
     def put(self, key, plan: StepPlan) -> StepPlan:
-        if len(self._plans) >= self.capacity:
-            self._plans.clear()
-        self._plans[key] = plan
+        if len(self) >= self.capacity:
+            super().clear()
+        self[key] = plan
         self.builds += 1
         return plan
 
     def clear(self) -> None:
-        self._plans.clear()
+        super().clear()
         self.builds = 0
-
-    def __len__(self) -> int:
-        return len(self._plans)
