@@ -9,9 +9,10 @@
 # device minutes, leaving room for one shorter rerun, e.g. BUDGET=200 PYTEST_ARGS="tests/test_kernels.py").
 # Every step runs under `timeout`, the benchmark first (its numbers are the point of a GPU session), the tests
 # in what is left.
-# Back under $OUT: summary.txt, install.log, install-fastddim.log, bench.log, bench.json, bench.md, tests.log, junit.xml.
-# Keep the benchmark: copy bench.json and bench.md to bench/results/<device.short>.json|md (device.short is in
-# bench.json) and commit them. The script exits non-zero if any step failed or ran out of time.
+# Back under $OUT (the device tool returns at most 8 files): summary.txt, install.log, bench.log (both
+# benchmarks' output), bench.json, bench.md, pipeline.json, pipeline.md, tests.log.
+# Keep the benchmarks: copy bench.json|md to bench/results/<device.short>.json|md (device.short is in bench.json)
+# and pipeline.json|md to bench/results/<device.short>-pipeline.json|md, and commit them. The script exits non-zero if any step failed or ran out of time.
 #
 # The GPU machine: Python 3.12 with torch 2.11 (CUDA), triton 3.6, pytest, pytest-benchmark, hypothesis, scipy,
 # no network. Nothing here changes the card's settings.
@@ -20,6 +21,9 @@ set -uo pipefail
 OUT=${OUT:-/tmp/fastddim-gpu-check}
 BUDGET=${BUDGET:-420}
 BENCH_LIMIT=${BENCH_LIMIT:-150}
+PIPELINE_LIMIT=${PIPELINE_LIMIT:-120}
+# PIPELINE_ARGS: extra arguments of bench/pipeline.py, e.g. "--no-compile" (compiling SD 1.5's UNet takes minutes).
+PIPELINE_ARGS=${PIPELINE_ARGS:---no-compile}
 PYTHON=${PYTHON:-python3}
 # PYTEST_ARGS: extra pytest arguments (word-split), e.g. "tests/test_kernels.py -x" for a shorter run.
 cd "$(dirname "$0")/.."
@@ -85,6 +89,7 @@ if ! step "install fastddim" "$OUT/install-fastddim.log" 180 \
   note "install fastddim: using PYTHONPATH=$PWD with fastddim/kernels -> ../kernels instead"
   status=$before
 fi
+cat "$OUT/install-fastddim.tmp" >>"$OUT/install.log" 2>/dev/null; rm -f "$OUT/install-fastddim.tmp"
 
 # The GPU path: real Triton kernels, never the interpreter, on the automatic backend choice.
 unset TRITON_INTERPRET FASTDDIM_BACKEND
@@ -107,13 +112,20 @@ print(f"backend on cuda: {backend}; interpreted: {ops.triton_interpreting()}")
 assert backend == "triton" and not ops.triton_interpreting()
 EOF
 
-bench_limit=$(( $(left) - 60 < BENCH_LIMIT ? $(left) - 60 : BENCH_LIMIT ))
+bench_limit=$(( $(left) - 120 < BENCH_LIMIT ? $(left) - 120 : BENCH_LIMIT ))
 if step "benchmark" "$OUT/bench.log" "$bench_limit" "$PYTHON" bench/run.py --out "$OUT/bench.json"; then
   note "$(grep -E '^(\||Acceptance)' "$OUT/bench.md")"
 fi
 
+pipeline_limit=$(( $(left) - 90 < PIPELINE_LIMIT ? $(left) - 90 : PIPELINE_LIMIT ))
+if step "pipeline benchmark" "$OUT/pipeline.log" "$pipeline_limit" \
+  "$PYTHON" bench/pipeline.py --out "$OUT/pipeline.json" ${PIPELINE_ARGS}; then
+  note "$(grep -E '^\|' "$OUT/pipeline.md")"
+fi
+cat "$OUT/pipeline.log" >>"$OUT/bench.log" 2>/dev/null; rm -f "$OUT/pipeline.log"
+
 step "tests" "$OUT/tests.log" "$(( $(left) - 15 ))" \
-  "$PYTHON" -m pytest -q -p no:cacheprovider --junitxml="$OUT/junit.xml" --durations=25 ${PYTEST_ARGS:-}
+  "$PYTHON" -m pytest -q -p no:cacheprovider -rfE --durations=25 ${PYTEST_ARGS:-}
 note "tests: $(grep -E '^(=+ )?[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran' "$OUT/tests.log" | tail -n 1)"
 
 note "== done in ${SECONDS}s, status $status"

@@ -86,6 +86,11 @@ def _seed(text: str) -> int:
 # --------------------------------------------------------------------------------------------- shared helpers
 
 
+def _count(number: int, noun: str) -> str:
+    """'1 step', '2 steps'."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -333,13 +338,14 @@ def cmd_sample(args) -> int:
     steps = args.steps
     per_step = lambda seconds: f"{seconds / steps * 1e3:.2f} ms"  # noqa: E731
     columns = math.ceil(math.sqrt(args.batch_size))
-    print(f"fastddim sample: {args.batch_size} samples of shape {tuple(shape[1:])} from {what}")
-    print(f"  scheduler: fastddim.DDIMScheduler, {steps} steps, {scheduler.config.timestep_spacing} spacing, "
+    print(f"fastddim sample: {_count(args.batch_size, 'sample')} of shape {tuple(shape[1:])} from {what}")
+    print(f"  scheduler: fastddim.DDIMScheduler, {_count(steps, 'step')}, {scheduler.config.timestep_spacing} spacing, "
           f"eta={args.eta:g}, thresholding {'on' if scheduler.config.thresholding else 'off'}, seed {args.seed}")
     print(f"  backend:   {backend}")
     print(f"  time:      {timings['total']:.3f} s, {per_step(timings['total'])}/step "
           f"(model {per_step(timings['model'])}, scheduler step {per_step(timings['scheduler'])})")
-    print(f"  wrote {output} ({columns} columns, {images.shape[2] * scale}x{images.shape[1] * scale} px per sample)")
+    print(f"  wrote {output} ({_count(columns, 'column')}, "
+          f"{images.shape[2] * scale}x{images.shape[1] * scale} px per sample)")
     return 0
 
 
@@ -385,7 +391,7 @@ def cmd_paper(args) -> int:
     print(f"fastddim paper: DDIM (Song et al., 2021) on a mixture of {config.modes} Gaussians in {config.dim} "
           f"dimensions with its exact noise predictor; {config.samples} samples per cell, seed {config.seed}, "
           f"{config.timestep_spacing} spacing")
-    print(f"  backend: {backend}; {paper.total_steps(config)} steps in {elapsed:.1f} s")
+    print(f"  backend: {backend}; {_count(paper.total_steps(config), 'step')} in {elapsed:.1f} s")
     print()
     print(paper.format_tables(results))
     print()
@@ -462,8 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated step counts S (default 10,20,50,100,1000)")
     paper.add_argument("--etas", type=_eta_list, default=(0.0, 0.2, 0.5, 1.0), metavar="ETA,ETA,...",
                        help="comma-separated etas (default 0,0.2,0.5,1)")
-    paper.add_argument("--samples", type=_positive_int, default=2000, metavar="N",
-                       help="samples per table cell (default 2000)")
+    paper.add_argument("--samples", type=_positive_int, default=4000, metavar="N",
+                       help="samples per table cell (default 4000)")
     paper.add_argument("--dim", type=_positive_int, default=16, metavar="D",
                        help="dimension of the mixture (default 16)")
     paper.add_argument("--seed", type=_seed, default=0, metavar="N", help="random seed (default 0)")

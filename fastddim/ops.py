@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from fastddim import reference, threshold
+from fastddim import autograd, reference, threshold
 from fastddim.plan import PlanCache, StepOptions, StepPlan, check_real, tensor_key
 from fastddim.schedule import ROW_WIDTH, as_table
 
@@ -126,6 +126,21 @@ def check_timestep(timestep, batch: int):
     return int(timestep)
 
 
+def check_philox_state(philox_state, sample: torch.Tensor, name: str = "philox_state") -> None:
+    """A `PhiloxGenerator.buffer` fit for `sample`: int64, on its device, one (seed, offset) row per sample or one
+    row for the batch, plus the ticket row."""
+    batch = sample.shape[0] if sample.dim() else 1
+    if not isinstance(philox_state, torch.Tensor) or philox_state.dtype != torch.int64 or philox_state.dim() != 2 or (
+        philox_state.shape[1] != 2 or not philox_state.is_contiguous()
+    ):
+        raise ValueError(f"{name} must be a PhiloxGenerator's buffer: a contiguous int64 tensor of shape (rows + 1, 2)")
+    if philox_state.device != sample.device:
+        raise ValueError(f"{name} lives on {philox_state.device}, the sample on {sample.device}")
+    rows = philox_state.shape[0] - 1
+    if rows not in (1, batch):
+        raise ValueError(f"{name} holds {rows} (seed, offset) rows; a batch of {batch} samples takes 1 or {batch}")
+
+
 def ddim_step(
     model_output: torch.Tensor,
     sample: torch.Tensor,
@@ -156,8 +171,9 @@ def ddim_step(
             guidance_scale / guidance_rescale, write_prev_sample / write_pred_original_sample. Or pass those as
             keywords (`option_values`), with StepOptions' defaults.
         variance_noise (`torch.Tensor`, *optional*): standard normal noise of the sample's shape.
-        philox_state (`torch.Tensor`, *optional*): instead, an int64 (seed, counter) tensor on the sample's
-            device from which the noise is drawn in the kernel (the caller advances the counter).
+        philox_state (`torch.Tensor`, *optional*): instead, a `PhiloxGenerator.buffer` on the sample's device
+            (one (seed, offset) row per sample or one for the batch, then a ticket row): the noise is drawn in the
+            kernel, and the same step adds 1 to every offset (see `fastddim.noise.PhiloxGenerator`).
         uncond_output (`torch.Tensor`, *optional*): the unconditional prediction; fuses classifier-free
             guidance `uncond + guidance_scale * (model_output - uncond)`, rescaled by `guidance_rescale` as
             diffusers' `rescale_noise_cfg`.
@@ -175,6 +191,11 @@ def ddim_step(
         raise TypeError("pass the step's settings either as options or as keywords, not both")
     table, timestep = as_table(table, timestep)
     options = options.checked(guided=uncond_output is not None)
+    # A host timestep is checked at every call (a plan keys on its type only); a tensor is never read by the host.
+    if type(timestep) is int and isinstance(table, torch.Tensor) and table.dim() == 2 and (
+        not 0 <= timestep < table.shape[0]
+    ):
+        raise ValueError(f"timestep must be in [0, {table.shape[0]}) (the table's rows), got {timestep}")
     return dispatch(model_output, sample, table, timestep, options, variance_noise, philox_state, uncond_output,
                     backend, process_group)
 
@@ -188,14 +209,15 @@ def check_step(model_output, sample, table, timestep, options: StepOptions, vari
         table.shape[1] != ROW_WIDTH
     ):
         raise TypeError(f"table must be a float64 tensor of shape (num_train_timesteps, {ROW_WIDTH}): a step_table")
-    check_timestep(timestep, sample.shape[0] if sample.dim() else 1)
+    timestep = check_timestep(timestep, sample.shape[0] if sample.dim() else 1)
+    num_train = table.shape[0]
+    # An int timestep is checked as scheduler.step checks it; a tensor is never read by the host (NaN outputs).
+    if isinstance(timestep, int) and not 0 <= timestep < num_train:
+        raise ValueError(f"timestep must be in [0, {num_train}) (the table's rows), got {timestep}")
     if variance_noise is not None and philox_state is not None:
         raise ValueError("pass either variance_noise or philox_state, not both")
-    if philox_state is not None and (
-        not isinstance(philox_state, torch.Tensor) or philox_state.dtype != torch.int64
-        or tuple(philox_state.shape) != (2,) or philox_state.device != sample.device
-    ):
-        raise ValueError("philox_state must be an int64 tensor (seed, counter) of shape (2,) on the sample's device")
+    if philox_state is not None:
+        check_philox_state(philox_state, sample)
     if backend is None:
         backend = select_backend(sample.device)
     elif backend not in BACKENDS:
@@ -239,8 +261,8 @@ def build_plan(model_output, sample, table, timestep, options: StepOptions, vari
             return launcher(model_output, sample, table, timestep.to(sample.device), variance_noise, philox_state,
                             uncond_output)
 
-        return StepPlan(options, backend, run)
-    return StepPlan(options, backend, launcher)
+        return StepPlan(options, backend, run, launcher)
+    return StepPlan(options, backend, launcher, launcher)
 
 
 class _HostRows:
@@ -289,7 +311,8 @@ def plan_for(model_output, sample, table, timestep, options: StepOptions, varian
 def dispatch(model_output, sample, table, timestep, options: StepOptions, variance_noise=None, philox_state=None,
              uncond_output=None, backend: str | None = None, process_group=None):
     """`ddim_step` for checked `options` (the schedulers keep theirs): the step through its cached plan, whose
-    checks ran when it was built."""
+    checks ran when it was built. A Triton step whose inputs require grad (grad mode on) is recorded for autograd
+    (`fastddim.autograd`); the torch path is differentiated by torch itself."""
     if torch.compiler.is_compiling() and not (process_group is not None and options.thresholding):
         backend = check_step(model_output, sample, table, timestep, options, variance_noise, philox_state,
                              uncond_output, backend)
@@ -298,17 +321,30 @@ def dispatch(model_output, sample, table, timestep, options: StepOptions, varian
                                        uncond_output, process_group)
         if isinstance(timestep, torch.Tensor) and timestep.device != sample.device:
             timestep = timestep.to(sample.device)
-        # The custom op always returns both outputs (its schema has two tensors); drop the one not asked for.
         tensor_timestep = isinstance(timestep, torch.Tensor)
-        prev, x0 = _triton_step_op(model_output, sample, table, timestep if tensor_timestep else None,
-                                   0 if tensor_timestep else int(timestep), variance_noise, philox_state,
-                                   uncond_output, *options.op_arguments())
+        args = (model_output, sample, table, timestep if tensor_timestep else None, 0 if tensor_timestep else
+                int(timestep), variance_noise, philox_state, uncond_output, *options.op_arguments())
+        # The custom ops always return both outputs (their schema has two tensors); drop the one not asked for.
+        if philox_state is None:
+            prev, x0 = _triton_step_op(*args)
+        elif autograd.requires_grad(model_output, sample, uncond_output, variance_noise):
+            raise NotImplementedError(
+                "gradients through a compiled step that draws PhiloxGenerator noise are not supported: pass "
+                "variance_noise (or a torch.Generator) instead, or run the step eagerly"
+            )
+        else:
+            prev, x0 = _triton_step_philox_op(*args)
         return (prev if options.write_prev_sample else None), (x0 if options.write_pred_original_sample else None)
-    return plan_for(model_output, sample, table, timestep, options, variance_noise, philox_state, uncond_output,
-                    backend, process_group).run(model_output, sample, table, timestep, variance_noise, philox_state,
-                                                uncond_output)
+    plan = plan_for(model_output, sample, table, timestep, options, variance_noise, philox_state, uncond_output,
+                    backend, process_group)
+    if plan.launcher is not None and autograd.requires_grad(model_output, sample, uncond_output, variance_noise):
+        return autograd.triton_step(plan, model_output, sample, table, timestep, variance_noise, philox_state,
+                                    uncond_output, process_group)
+    return plan.run(model_output, sample, table, timestep, variance_noise, philox_state, uncond_output)
 
 
+# Two custom ops: torch.library registers autograd formulas only for functional ops, and the Philox variant
+# moves its generator's offsets on in place (no second launch), so it declares that mutation and has no formula.
 @torch.library.custom_op("fastddim::ddim_step", mutates_args=())
 def _triton_step_op(
     model_output: torch.Tensor, sample: torch.Tensor, table: torch.Tensor, timestep_tensor: torch.Tensor | None,
@@ -316,16 +352,39 @@ def _triton_step_op(
     uncond_output: torch.Tensor | None, prediction_type: str, options: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     step_options = StepOptions.from_op_arguments(prediction_type, tuple(options))
+    if philox_state is not None:
+        raise ValueError("fastddim::ddim_step draws no noise in the kernel: use fastddim::ddim_step_philox")
+    return _run_step_op(model_output, sample, table, timestep_tensor, timestep_value, variance_noise, None,
+                        uncond_output, step_options)
+
+
+@torch.library.custom_op("fastddim::ddim_step_philox", mutates_args=("philox_state",))
+def _triton_step_philox_op(
+    model_output: torch.Tensor, sample: torch.Tensor, table: torch.Tensor, timestep_tensor: torch.Tensor | None,
+    timestep_value: int, variance_noise: torch.Tensor | None, philox_state: torch.Tensor,
+    uncond_output: torch.Tensor | None, prediction_type: str, options: list[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    step_options = StepOptions.from_op_arguments(prediction_type, tuple(options))
+    return _run_step_op(model_output, sample, table, timestep_tensor, timestep_value, variance_noise, philox_state,
+                        uncond_output, step_options)
+
+
+def _run_step_op(model_output, sample, table, timestep_tensor, timestep_value, variance_noise, philox_state,
+                 uncond_output, options: StepOptions):
     timestep = timestep_tensor if timestep_tensor is not None else timestep_value
-    return plan_for(model_output, sample, table, timestep, step_options, variance_noise, philox_state,
-                    uncond_output, "triton")(model_output, sample, table, timestep, variance_noise, philox_state,
-                                             uncond_output)
+    return plan_for(model_output, sample, table, timestep, options, variance_noise, philox_state, uncond_output,
+                    "triton").run(model_output, sample, table, timestep, variance_noise, philox_state,
+                                  uncond_output)
 
 
-@_triton_step_op.register_fake
-def _(model_output, sample, table, timestep_tensor, timestep_value, variance_noise, philox_state, uncond_output,
-      prediction_type, options):
+def _fake_step(model_output, sample, table, timestep_tensor, timestep_value, variance_noise, philox_state,
+               uncond_output, prediction_type, options):
     from fastddim.kernels.ddim import allocate_outputs
 
     outputs, _, _ = allocate_outputs(model_output, sample, uncond_output, variance_noise, philox_state is not None)
     return outputs
+
+
+_triton_step_op.register_fake(_fake_step)
+_triton_step_philox_op.register_fake(_fake_step)
+autograd.register_step_op_autograd(_triton_step_op)

@@ -44,7 +44,7 @@ class StepOptions:
         thresholding (`bool`, defaults to `False`): dynamic thresholding of x0 (takes precedence over clipping, as
             in diffusers).
         dynamic_thresholding_ratio (`float`, defaults to 0.995): the quantile of |x0| thresholding uses, in (0, 1].
-        sample_max_value (`float`, defaults to 1.0): the largest threshold, >= 1.
+        sample_max_value (`float`, defaults to 1.0): the largest threshold, > 0 (below 1, the threshold itself).
         use_clipped_model_output (`bool`, defaults to `False`): re-derive the noise prediction from the clipped x0.
         guidance_scale (`float`, defaults to 1.0): with an unconditional output, the model output used is
             `uncond + guidance_scale * (model_output - uncond)`.
@@ -88,7 +88,9 @@ class StepOptions:
             ratio = check_real("dynamic_thresholding_ratio", ratio)
             if not 0 < ratio <= 1:
                 raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {ratio}")
-            max_value = check_real("sample_max_value", max_value, minimum=1.0)
+            max_value = check_real("sample_max_value", max_value)
+            if not max_value > 0:  # below 1 it is the threshold itself, as in diffusers
+                raise ValueError(f"sample_max_value must be a finite number > 0, got {max_value}")
         return StepOptions(
             eta=eta, prediction_type=self.prediction_type, clip_sample=bool(self.clip_sample),
             clip_sample_range=float(self.clip_sample_range), thresholding=bool(self.thresholding),
@@ -135,11 +137,14 @@ class StepPlan:
         backend (`str`): "torch" or "triton".
         run (`Callable`): `run(model_output, sample, table, timestep, variance_noise, philox_state, uncond_output)`
             returning `(prev_sample, pred_original_sample)`: the backend's prepared step.
+        launcher (`fastddim.kernels.ddim.StepLauncher`, *optional*): the Triton backend's prepared launch (None
+            on the torch path), which `fastddim.autograd` records when the inputs require grad.
     """
 
     options: StepOptions
     backend: str
     run: Callable
+    launcher: object = None
 
     def __call__(self, model_output, sample, table, timestep, variance_noise=None, philox_state=None,
                  uncond_output=None):

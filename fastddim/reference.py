@@ -10,6 +10,7 @@ needs no host read and traces under torch.compile.
 from __future__ import annotations
 
 import array
+import math
 
 import torch
 
@@ -84,21 +85,36 @@ def _uniform(word: torch.Tensor) -> torch.Tensor:
     return signed.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
 
 
-def philox_normal(philox_state: torch.Tensor, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The standard normal noise the kernel draws for `numel` elements from `philox_state` = (seed, counter):
-    element i gets Philox4x32-10(key = seed, counter block = (i_lo, i_hi, counter_lo, counter_hi)), whose first
-    two words become one normal by Box-Muller in float32, as in `tl.randn`."""
-    seed, counter = philox_state[0], philox_state[1]
-    index = torch.arange(numel, device=philox_state.device, dtype=torch.int64)
+def philox_normal(philox_state: torch.Tensor, shape, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The standard normal noise the kernel draws for a tensor of `shape` (batch first; a 0-d shape is one
+    sample) from `philox_state`, an int64 (rows, 2) tensor of (seed, offset) rows, one per sample or one for the
+    whole batch. Element i (row-major within its sample) of sample b gets Philox4x32-10(key = seed_b, counter block =
+    (i_lo, i_hi, offset_lo, offset_hi)), whose first two words become one normal by Box-Muller in float32, as in
+    `tl.randn`. With one row, sample b uses seed + b (64-bit wrap-around) and the row's offset."""
+    shape = tuple(shape)
+    batch = shape[0] if shape else 1
+    per_sample = math.prod(shape[1:])
+    seed, offset = philox_state[:, 0:1], philox_state[:, 1:2]
+    if philox_state.shape[0] == 1:
+        seed = seed + torch.arange(batch, device=philox_state.device, dtype=torch.int64)[:, None]
+    index = torch.arange(per_sample, device=philox_state.device, dtype=torch.int64)[None, :]
     r0, r1, _, _ = philox4x32_10(
-        index & _MASK32, (index >> 32) & _MASK32,
-        (counter & _MASK32).expand(numel), ((counter >> 32) & _MASK32).expand(numel),
+        index & _MASK32, (index >> 32) & _MASK32, offset & _MASK32, (offset >> 32) & _MASK32,
         seed & _MASK32, (seed >> 32) & _MASK32,
     )
     u1 = torch.clamp(_uniform(r0), min=1.0e-7)
     theta = torch.tensor(6.283185307179586, dtype=torch.float32) * _uniform(r1)
     radius = torch.sqrt(-2.0 * torch.log(u1))
-    return (radius * torch.cos(theta)).to(dtype)
+    return (radius * torch.cos(theta)).to(dtype).reshape(shape)
+
+
+def philox_step_noise(philox_state: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+    """A step's noise from a generator buffer (`PhiloxGenerator.buffer`: the (seed, offset) rows, then the
+    kernel's ticket row), after which every offset moves on by one, in place, as the kernel moves them."""
+    rows = philox_state[:-1]
+    noise = philox_normal(rows, shape, dtype)
+    rows[:, 1].add_(1)
+    return noise
 
 
 def _coefficients(table: torch.Tensor, timestep, eta: float, ndim: int, dtype: torch.dtype):
@@ -210,6 +226,8 @@ def ddim_step(
             x0 = x0.clamp_(-clip_sample_range, clip_sample_range)
 
     if not write_prev_sample:
+        if philox_state is not None:
+            philox_state[:-1, 1].add_(1)  # a step moves the stream on whatever it writes, as the kernel does
         return None, (x0.clone() if x0 is model_output else x0).to(out_dtype)
 
     if use_clipped_model_output:
@@ -219,8 +237,7 @@ def ddim_step(
     if variance_noise is not None:
         prev = _add_scaled(prev, variance_noise.to(math_dtype), std)
     elif philox_state is not None:
-        noise = philox_normal(philox_state, sample.numel(), math_dtype).view(sample.shape)
-        prev = _add_scaled(prev, noise, std)
+        prev = _add_scaled(prev, philox_step_noise(philox_state, sample.shape, math_dtype), std)
 
     if prev.dtype != out_dtype:
         prev = prev.to(out_dtype)

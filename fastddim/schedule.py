@@ -144,6 +144,21 @@ def step_table(
     return table
 
 
+def ddim_variance(alphas_cumprod: torch.Tensor, timestep, prev_timestep, boundary_alpha_cumprod) -> torch.Tensor:
+    """The DDIM variance (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev) between `timestep` and
+    `prev_timestep`, in float32 exactly as diffusers' `_get_variance` / `_batch_get_variance` compute it (pipelines
+    such as ParaDiGMS size their noise with it). Elementwise over integer tensors; alpha_prev is
+    `boundary_alpha_cumprod` where `prev_timestep` is negative. Indices are trusted (the caller checks them)."""
+    timestep = torch.as_tensor(timestep).to(alphas_cumprod.device)
+    prev_timestep = torch.as_tensor(prev_timestep).to(alphas_cumprod.device)
+    boundary = torch.as_tensor(boundary_alpha_cumprod, dtype=alphas_cumprod.dtype).to(alphas_cumprod.device)
+    alpha_t = alphas_cumprod[timestep]
+    alpha_prev = torch.where(prev_timestep >= 0, alphas_cumprod[prev_timestep.clamp(min=0)], boundary)
+    beta_t = 1 - alpha_t
+    beta_prev = 1 - alpha_prev
+    return (beta_prev / beta_t) * (1 - alpha_t / alpha_prev)
+
+
 def as_table(table: torch.Tensor, timestep):
     """Accept a single coefficient row with no timestep as a one-row table at timestep 0, so the functional
     APIs take either `(table, timestep)` or one `step_table(...)[t]` row."""

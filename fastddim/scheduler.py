@@ -8,15 +8,20 @@ fastddim raises a ValueError naming the argument instead.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import torch
 
 from fastddim import ops, reference
-from fastddim.config import SchedulerMixin, register_to_config
+# diffusers' pipeline loader finds the base class named SchedulerMixin in the module a component comes from.
+from fastddim.config import (  # noqa: F401
+    DIFFUSERS_AVAILABLE, BaseOutput, SchedulerConfigMixin, SchedulerMixin, diffusers_bases, register_to_config,
+)
 from fastddim.noise import PhiloxGenerator, randn_tensor
 from fastddim.plan import StepOptions
 from fastddim.schedule import (
@@ -39,83 +44,45 @@ KARRAS_DIFFUSION_SCHEDULERS = [
 ]
 
 
-class DDIMSchedulerOutput:
-    """Output of a scheduler's `step`.
+if DIFFUSERS_AVAILABLE:
+    (_OutputFields,) = diffusers_bases("scheduling_ddim", "DDIMSchedulerOutput")
+else:
+    @dataclasses.dataclass
+    class _OutputFields(BaseOutput):
+        prev_sample: torch.Tensor
+        pred_original_sample: torch.Tensor | None = None
+
+
+class DDIMSchedulerOutput(_OutputFields):
+    """Output of a scheduler's `step`: diffusers' `BaseOutput` (and its `DDIMSchedulerOutput`, where diffusers is
+    installed), so attribute access, `out["prev_sample"]`, `out[0]`, `"pred_original_sample" in out`, item
+    assignment, `to_tuple()` and torch pytrees all work as in diffusers.
 
     Args:
         prev_sample (`torch.Tensor`): the sample x_{t-1} of the previous timestep, the next model input.
-        pred_original_sample (`torch.Tensor`): the predicted denoised sample x_0 (after clipping or
+        pred_original_sample (`torch.Tensor`, *optional*): the predicted denoised sample x_0 (after clipping or
             thresholding), for previews or guidance.
 
-    On the Triton backend the step writes only `prev_sample`, and `pred_original_sample` is computed from the
-    step's inputs when it is first read: most loops never read it, and skipping its write saves a quarter of the
-    step's memory traffic. Reading it after one of the step's inputs was modified in place raises a RuntimeError
-    (the inputs' version counters are checked); set `scheduler.lazy_pred_original_sample = False` to always
-    compute it with the step. Like diffusers' output, it also behaves as a tuple and as a mapping.
+    `pred_original_sample` is None when the scheduler's `write_pred_original_sample` is False. Like diffusers'
+    output, it also behaves as a tuple and as a mapping.
     """
 
+    # Public under fastddim's name (as numpy does for its classes): pipelines record ["fastddim", class name].
+    __module__ = "fastddim"
+
     def __init__(self, prev_sample: torch.Tensor, pred_original_sample: torch.Tensor | None = None):
-        self.prev_sample = prev_sample
-        self._pred_original_sample = pred_original_sample
-        self._deferred = None
-
-    @classmethod
-    def deferred(cls, prev_sample: torch.Tensor, compute, inputs: dict[str, torch.Tensor]) -> "DDIMSchedulerOutput":
-        """An output whose pred_original_sample is `compute()`, run on first read if `inputs` are unchanged."""
-        output = cls(prev_sample)
-        output._deferred = (compute, [(name, tensor, tensor._version) for name, tensor in inputs.items()])
-        return output
-
-    @property
-    def pred_original_sample(self) -> torch.Tensor | None:
-        if self._deferred is not None:
-            compute, inputs = self._deferred
-            for name, tensor, version in inputs:
-                if tensor._version != version:
-                    raise RuntimeError(
-                        f"pred_original_sample is computed from the step's inputs when first read, and {name} was "
-                        "modified in place since the step: read it before changing the inputs, or set "
-                        "scheduler.lazy_pred_original_sample = False"
-                    )
-            self._pred_original_sample = compute()
-            self._deferred = None
-        return self._pred_original_sample
-
-    @pred_original_sample.setter
-    def pred_original_sample(self, value: torch.Tensor | None) -> None:
-        self._pred_original_sample = value
-        self._deferred = None
-
-    # diffusers' BaseOutput behaves as a tuple and a dict too; pipelines use all three.
-    def keys(self):
-        present = self._deferred is not None or self._pred_original_sample is not None
-        return ["prev_sample", "pred_original_sample"] if present else ["prev_sample"]
-
-    def values(self):
-        return [getattr(self, k) for k in self.keys()]
-
-    def items(self):
-        return list(zip(self.keys(), self.values()))
-
-    def to_tuple(self):
-        return tuple(self.values())
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            if key not in self.keys():
-                raise KeyError(key)
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-    def __iter__(self):
-        return iter(self.to_tuple())
-
-    def __len__(self):
-        return len(self.keys())
-
-    def __repr__(self):
-        lazy = " (pred_original_sample not computed yet)" if self._deferred is not None else ""
-        return f"DDIMSchedulerOutput(prev_sample={self.prev_sample!r}){lazy}"
+        # What the dataclass __init__ and BaseOutput.__post_init__ do, without their per-call cost (a step on
+        # small tensors costs mostly Python).
+        object.__setattr__(self, "prev_sample", prev_sample)
+        object.__setattr__(self, "pred_original_sample", pred_original_sample)
+        if pred_original_sample is None and isinstance(prev_sample, dict):
+            for key, value in prev_sample.items():
+                self[key] = value
+            return
+        if prev_sample is not None:
+            OrderedDict.__setitem__(self, "prev_sample", prev_sample)
+        if pred_original_sample is not None:
+            OrderedDict.__setitem__(self, "pred_original_sample", pred_original_sample)
 
 
 def _check_choice(name: str, value, choices) -> None:
@@ -151,13 +118,110 @@ def _check_positive_int(name: str, value) -> int:
     return int(value)
 
 
-class _DDIMBase(SchedulerMixin):
+class _Snapshot:
+    """Whether a value was replaced or changed in place since it was recorded: by torch's version counter for
+    tensors, by value for tensors torch does not version (inference tensors); numbers cannot change."""
+
+    __slots__ = ("value", "version", "copy")
+
+    def __init__(self, value):
+        self.value = value
+        self.version = self.copy = None
+        if isinstance(value, torch.Tensor):
+            if value.is_inference():
+                self.copy = value.detach().clone()
+            else:
+                self.version = value._version
+
+    def changed(self, current) -> bool:
+        if current is not self.value:
+            return True
+        if self.version is not None:
+            return current._version != self.version
+        return self.copy is not None and not torch.equal(current, self.copy)
+
+
+def _schedule_attribute(name: str, check, doc: str) -> property:
+    """A scheduler attribute the step table is derived from: assigning it (checked by `check(self, value)`)
+    makes the next step, and add_noise, use the new value."""
+    private = "_" + name
+
+    def get(self):
+        try:
+            return self.__dict__[private]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def set(self, value):
+        self.__dict__[private] = check(self, value)
+        self.__dict__["_table_state"] = None
+
+    return property(get, set, doc=doc)
+
+
+def _check_alphas_cumprod(self, value):
+    num_train = self.config.num_train_timesteps
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise TypeError(f"alphas_cumprod must be a floating-point torch.Tensor, got {type(value).__name__}")
+    if tuple(value.shape) != (num_train,):
+        raise ValueError(f"alphas_cumprod must have shape ({num_train},) (one per training timestep), "
+                         f"got {tuple(value.shape)}")
+    return value
+
+
+def _check_boundary(self, value):
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"the boundary alpha product must be one floating-point value, got {value!r}")
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"the boundary alpha product must be a number or a tensor, got {type(value).__name__}")
+    return value
+
+
+def _check_num_inference_steps(self, value):
+    if value is None:
+        return None
+    value = _check_positive_int("num_inference_steps", value)
+    num_train = self.config.num_train_timesteps
+    if value > num_train:
+        raise ValueError(f"num_inference_steps ({value}) cannot be larger than num_train_timesteps ({num_train}): "
+                         f"the model was trained on {num_train} timesteps")
+    return value
+
+
+def _check_flag(name: str, value) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+# The config keys the betas and alphas_cumprod are built from, once, at construction.
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                 "rescale_betas_zero_snr", "set_alpha_to_one")
+
+
+def _same_value(a, b) -> bool:
+    if a is None or b is None or isinstance(a, (str, bool, numbers.Number)):
+        return a is b or (type(a) is type(b) and a == b)
+    return np.array_equal(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64))
+
+
+class _DDIMBase(SchedulerConfigMixin):
     """Schedule, timesteps and coefficient tables shared by the forward and inverse schedulers."""
 
     order = 1
     _inverse = False
-    # Triton backend: write pred_original_sample only when it is read (see DDIMSchedulerOutput). Not a config key.
-    lazy_pred_original_sample = True
+    # False: step outputs carry pred_original_sample=None and the step skips writing it (a quarter of its memory
+    # traffic on the Triton backend: 3 of 4 full-size tensor passes remain). Not a config key.
+    write_pred_original_sample = True
+
+    alphas_cumprod = _schedule_attribute(
+        "alphas_cumprod", _check_alphas_cumprod,
+        "The cumulative products of the alphas, one per training timestep; assigning a tensor of that shape (or "
+        "changing it in place) makes the next step and add_noise use it.")
+    num_inference_steps = _schedule_attribute(
+        "num_inference_steps", _check_num_inference_steps,
+        "The number of inference steps of `set_timesteps`; a step goes from t to t - num_train_timesteps // "
+        "num_inference_steps, so assigning it changes the next step, as in diffusers.")
 
     def _build_schedule(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                         prediction_type, timestep_spacing, clip_sample_range, rescale_betas_zero_snr):
@@ -169,30 +233,75 @@ class _DDIMBase(SchedulerMixin):
                 _check_open_unit("beta_end", beta_end)
         else:
             _check_trained_betas(trained_betas, num_train_timesteps)
-        _check_choice("prediction_type", prediction_type, reference.PREDICTION_TYPES)
-        _check_choice("timestep_spacing", timestep_spacing,
+        for name in ("set_alpha_to_one", "rescale_betas_zero_snr"):
+            _check_flag(name, self.config.get(name, False))
+        self._check_options(self.config)
+        # Normal tensors even under torch.inference_mode(): their version counters show in-place changes.
+        with torch.inference_mode(False):
+            self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                                    rescale_betas_zero_snr)
+            self.alphas = 1.0 - self.betas
+            self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self._schedule_config = {k: self.config.get(k) for k in SCHEDULE_KEYS}
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
+        self._device_tables = {}
+        self._device_alphas = None
+
+    def _check_options(self, config) -> None:
+        """Check the config values that a step or set_timesteps reads (at construction, and again after the
+        config was written to), and that the keys the betas were built from did not change."""
+        _check_choice("prediction_type", config.get("prediction_type"), reference.PREDICTION_TYPES)
+        _check_choice("timestep_spacing", config.get("timestep_spacing"),
                       INVERSE_TIMESTEP_SPACINGS if self._inverse else TIMESTEP_SPACINGS)
+        clip_sample_range = config.get("clip_sample_range")
         if isinstance(clip_sample_range, bool) or not (
             isinstance(clip_sample_range, numbers.Real) and math.isfinite(clip_sample_range) and clip_sample_range > 0
         ):
             raise ValueError(f"clip_sample_range must be a finite number > 0, got {clip_sample_range!r}")
-        for name in ("clip_sample", "set_alpha_to_one", "rescale_betas_zero_snr", "thresholding"):
-            value = self.config.get(name, False)
-            if not isinstance(value, (bool, np.bool_)):
-                raise TypeError(f"{name} must be True or False, got {value!r}")
-        steps_offset = self.config.steps_offset
+        _check_flag("clip_sample", config.get("clip_sample"))
+        steps_offset = config.get("steps_offset")
         if isinstance(steps_offset, bool) or not isinstance(steps_offset, numbers.Integral) or steps_offset < 0:
             raise ValueError(f"steps_offset must be an int >= 0, got {steps_offset!r}")
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                                rescale_betas_zero_snr)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps = None
-        self._table = None
-        self._host_rows = None
-        self._device_tables = {}
-        self._device_alphas = {}
+        built = self.__dict__.get("_schedule_config")
+        for key in SCHEDULE_KEYS if built is not None else ():
+            if not _same_value(config.get(key), built[key]):
+                raise ValueError(
+                    f"config.{key} was changed to {config.get(key)!r} after the scheduler was built with "
+                    f"{key}={built[key]!r}, which fixed its betas and alphas_cumprod: build a new scheduler, "
+                    f"{type(self).__name__}.from_config(scheduler.config)"
+                )
+
+    def _current_table(self):
+        """(CPU step table, its rows as Python floats) for the current num_inference_steps, alphas_cumprod and
+        boundary alpha product: rebuilt when one was assigned or changed in place since the last build. Device
+        copies are updated in place, so a captured CUDA graph reads the new values too."""
+        state = self.__dict__.get("_table_state")
+        alphas, boundary = self.__dict__["_alphas_cumprod"], self._boundary_alpha_cumprod()
+        # (A compiled step does not re-check version counters, which dynamo cannot guard on: it keeps its table
+        # until an attribute is assigned again.)
+        if state is not None and (torch.compiler.is_compiling()
+                                  or not state[0].changed(alphas) and not state[1].changed(boundary)):
+            return state[2], state[3]
+        if self.num_inference_steps is None:
+            return None, None
+        with torch.inference_mode(False):
+            table = step_table(alphas.detach().cpu(), self.num_inference_steps, float(boundary),
+                               inverse=self._inverse)
+            for device_table in self._device_tables.values():
+                device_table.copy_(table)
+        self._table_state = (_Snapshot(alphas), _Snapshot(boundary), table, table.tolist())
+        return table, self._table_state[3]
+
+    @property
+    def _table(self):
+        """The float64 step table of the current state, on the CPU."""
+        return self._current_table()[0]
+
+    @property
+    def _host_rows(self):
+        """The step table as lists of Python floats (the torch path's int timesteps read them)."""
+        return self._current_table()[1]
 
     def _boundary_alpha_cumprod(self) -> torch.Tensor:
         raise NotImplementedError
@@ -213,28 +322,21 @@ class _DDIMBase(SchedulerMixin):
             num_inference_steps (`int`): the number of steps, from 1 to `num_train_timesteps`.
             device (`str` or `torch.device`, *optional*): where `timesteps` is placed.
         """
+        self._config_options()  # the config may have been written to since
         num_train = self.config.num_train_timesteps
-        num_inference_steps = _check_positive_int("num_inference_steps", num_inference_steps)
-        if num_inference_steps > num_train:
-            raise ValueError(
-                f"num_inference_steps ({num_inference_steps}) cannot be larger than num_train_timesteps "
-                f"({num_train}): the model was trained on {num_train} timesteps"
-            )
+        num_inference_steps = _check_num_inference_steps(self, num_inference_steps)
         timesteps = inference_timesteps(num_train, num_inference_steps, self.config.timestep_spacing,
                                         self.config.steps_offset, inverse=self._inverse)
         self.num_inference_steps = num_inference_steps
         self.timesteps = torch.from_numpy(timesteps).to(device)
-        self._table = step_table(self.alphas_cumprod, num_inference_steps, float(self._boundary_alpha_cumprod()),
-                                 inverse=self._inverse)
-        self._host_rows = self._table.tolist()  # the torch path's int timesteps read Python floats from here
-        self._device_tables = {}
+        self._current_table()
         if device is not None:
             self._table_on(torch.device(device))
 
     def _resolve_timestep(self, timestep, sample):
         """An int (checked against the table) for host timesteps; device tensors stay on the device unread (their
         dtype and shape are checked with the step's plan, see ops.dispatch)."""
-        num_train = len(self._host_rows)
+        num_train = len(self.__dict__["_alphas_cumprod"])  # one per training timestep (checked when set)
         if type(timestep) is int and 0 <= timestep < num_train:  # the common case, kept short
             return timestep
         if isinstance(timestep, torch.Tensor) and (not timestep.is_cpu or torch.compiler.is_compiling()):
@@ -254,18 +356,24 @@ class _DDIMBase(SchedulerMixin):
 
     def _table_on(self, device: torch.device) -> torch.Tensor:
         """The step table on `device` (copied once per device and set_timesteps)."""
+        table = self._table
         if device.type == "cpu":
-            return self._table
-        table = self._device_tables.get(device)
-        if table is None:
-            table = self._device_tables[device] = self._table.to(device)
-        return table
+            return table
+        cached = self._device_tables.get(device)
+        if cached is None:
+            cached = self._device_tables[device] = table.to(device)
+        return cached
 
     def _alphas_cumprod_on(self, device: torch.device) -> torch.Tensor:
-        cached = self._device_alphas.get(device)
-        if cached is None:
-            cached = self._device_alphas[device] = self.alphas_cumprod.to(device=device, dtype=torch.float64)
-        return cached
+        """alphas_cumprod in float64 on `device`, copied once per device while alphas_cumprod stays the same."""
+        alphas = self.alphas_cumprod
+        cached = self._device_alphas
+        if cached is None or cached[0].changed(alphas):
+            cached = self._device_alphas = (_Snapshot(alphas), {})
+        on_device = cached[1].get(device)
+        if on_device is None:
+            on_device = cached[1][device] = alphas.detach().to(device=device, dtype=torch.float64)
+        return on_device
 
     def _run_step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False,
                   variance_noise=None, philox_state=None, uncond_output=None, guidance_scale=1.0,
@@ -281,17 +389,11 @@ class _DDIMBase(SchedulerMixin):
                     "(diffusers would return NaN there); use eta <= 1"
                 )
         process_group = process_group if thresholding else None
-        # The kernel skips pred_original_sample unless it is read (not under torch.compile or CUDA-graph capture,
-        # where the step must stay one static op, nor for a sharded thresholded step, whose collectives every
-        # process must run at the same time).
-        lazy = (
-            return_dict and self.lazy_pred_original_sample and process_group is None
-            and isinstance(sample, torch.Tensor) and not torch.compiler.is_compiling()
-            and ops.select_backend(sample.device) == "triton"
-            and not (sample.is_cuda and torch.cuda.is_current_stream_capturing())
-        )
+        write_x0 = self.write_pred_original_sample
+        if write_x0 is not True and write_x0 is not False:
+            raise TypeError(f"write_pred_original_sample must be True or False, got {write_x0!r}")
         options = self._step_options(eta, use_clipped_model_output, thresholding, guidance_scale, guidance_rescale,
-                                     not lazy)
+                                     write_x0)
         table = self._table if getattr(sample, "is_cpu", True) else self._table_on(sample.device)
         # The tensors are checked once per step plan (ops.dispatch); the options were checked above or at
         # construction.
@@ -300,34 +402,33 @@ class _DDIMBase(SchedulerMixin):
                                                          process_group=process_group)
         if not return_dict:
             return (prev_sample, pred_original_sample)
-        if lazy:
-            inputs = {"model_output": model_output, "sample": sample}
-            if uncond_output is not None:
-                inputs["uncond_output"] = uncond_output
-            if isinstance(timestep, torch.Tensor):
-                inputs["timestep"] = timestep
-            x0_options = self._step_options(eta, use_clipped_model_output, thresholding, guidance_scale,
-                                            guidance_rescale, True, write_prev_sample=False)
-            return DDIMSchedulerOutput.deferred(
-                prev_sample, lambda: ops.dispatch(model_output, sample, table, timestep, x0_options, variance_noise,
-                                                  philox_state, uncond_output)[1], inputs)
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+
+    def _config_options(self) -> tuple:
+        """(config, its write counter, the StepOptions cache): the config checked again, and the cache emptied,
+        when it was written to or replaced since the last step."""
+        config = self.__dict__["_internal_dict"]
+        cached = self.__dict__.get("_options_cache")
+        if cached is None or cached[0] is not config or cached[1] != config._writes:
+            self._check_options(config)
+            cached = self._options_cache = (config, config._writes, {})
+        return cached
 
     def _step_options(self, eta, use_clipped_model_output, thresholding, guidance_scale, guidance_rescale,
                       write_pred_original_sample, write_prev_sample=True) -> StepOptions:
-        """The checked `StepOptions` of a step with these arguments and the config's settings, cached for as long
-        as the config object stays the same (pipelines may replace it, e.g. to fix steps_offset)."""
-        config = self.config
-        cached = self.__dict__.get("_options_cache")
-        if cached is None or cached[0] is not config:
-            cached = self._options_cache = (config, {})
+        """The checked `StepOptions` of a step with these arguments and the config's settings, cached until the
+        config is written to or replaced (pipelines replace it, e.g. to fix steps_offset; users set
+        `scheduler.config.prediction_type = ...`)."""
+        cached = self._config_options()
+        config = cached[0]
         key = (eta, use_clipped_model_output, thresholding, guidance_scale, guidance_rescale,
                write_pred_original_sample, write_prev_sample)
-        options = cached[1].get(key)
+        # Traced by torch.compile, the options are built in the graph's Python: a cache lookup would add a guard on
+        # the cache's contents, which the traced call itself changes (a recompile at the second step).
+        compiling = torch.compiler.is_compiling()
+        options = None if compiling else cached[2].get(key)
         if options is None:
-            if len(cached[1]) >= 64:  # e.g. an eta sweep: keep the cache small
-                cached[1].clear()
-            options = cached[1][key] = StepOptions(
+            options = StepOptions(
                 eta=eta, prediction_type=config.prediction_type, clip_sample=config.clip_sample,
                 clip_sample_range=config.clip_sample_range, thresholding=thresholding,
                 dynamic_thresholding_ratio=config.get("dynamic_thresholding_ratio", 0.995),
@@ -336,20 +437,17 @@ class _DDIMBase(SchedulerMixin):
                 guidance_rescale=guidance_rescale, write_prev_sample=write_prev_sample,
                 write_pred_original_sample=write_pred_original_sample,
             ).checked(guided=True)
+            if not compiling:
+                if len(cached[2]) >= 64:  # e.g. an eta sweep: keep the cache small
+                    cached[2].clear()
+                cached[2][key] = options
         return options
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
-    def __getattr__(self, name):
-        # diffusers lets `scheduler.prediction_type` read the config; keep that working for user code.
-        internal = self.__dict__.get("_internal_dict")
-        if internal is not None and name in internal and not name.startswith("_"):
-            return internal[name]
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-
-class DDIMScheduler(_DDIMBase):
+class DDIMScheduler(_DDIMBase, *diffusers_bases("scheduling_ddim", "DDIMScheduler")):
     """Denoising diffusion implicit models (Song et al., 2021): a drop-in for diffusers' `DDIMScheduler`.
 
     Args:
@@ -382,7 +480,11 @@ class DDIMScheduler(_DDIMBase):
     process must run each step.
     """
 
+    __module__ = "fastddim"  # public under fastddim's name: pipelines record it as ["fastddim", "DDIMScheduler"]
     _compatibles = list(KARRAS_DIFFUSION_SCHEDULERS)
+    final_alpha_cumprod = _schedule_attribute(
+        "final_alpha_cumprod", _check_boundary,
+        "The alpha product after the last step (1, or alphas_cumprod[0]); assigning it changes the last step.")
     # The torch.distributed group across which thresholded samples are sharded (None: not sharded).
     threshold_process_group = None
 
@@ -407,19 +509,24 @@ class DDIMScheduler(_DDIMBase):
     ):
         self._build_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                              prediction_type, timestep_spacing, clip_sample_range, rescale_betas_zero_snr)
-        if isinstance(dynamic_thresholding_ratio, bool) or not (
-            isinstance(dynamic_thresholding_ratio, numbers.Real) and 0 < dynamic_thresholding_ratio <= 1
-        ):
-            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio!r}")
-        if isinstance(sample_max_value, bool) or not (
-            isinstance(sample_max_value, numbers.Real) and 1 <= sample_max_value < math.inf
-        ):
-            raise ValueError(f"sample_max_value must be a finite number >= 1, got {sample_max_value!r}")
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
 
     def _boundary_alpha_cumprod(self) -> torch.Tensor:
         return self.final_alpha_cumprod
+
+    def _check_options(self, config) -> None:
+        super()._check_options(config)
+        _check_flag("thresholding", config.get("thresholding"))
+        ratio = config.get("dynamic_thresholding_ratio")
+        if isinstance(ratio, bool) or not (isinstance(ratio, numbers.Real) and 0 < ratio <= 1):
+            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {ratio!r}")
+        # Below 1 the clamp of diffusers' threshold, clamp(quantile, 1, sample_max_value), gives sample_max_value.
+        max_value = config.get("sample_max_value")
+        if isinstance(max_value, bool) or not (
+            isinstance(max_value, numbers.Real) and 0 < max_value < math.inf
+        ):
+            raise ValueError(f"sample_max_value must be a finite number > 0, got {max_value!r}")
 
     def _get_variance(self, timestep: int, prev_timestep: int) -> torch.Tensor:
         """The DDIM variance between `timestep` and `prev_timestep` (diffusers' helper, kept for callers)."""
@@ -513,19 +620,16 @@ class DDIMScheduler(_DDIMBase):
         if eta == 0:
             variance_noise = None  # diffusers draws no noise at eta 0 and ignores variance_noise
         elif isinstance(generator, PhiloxGenerator):
-            if generator.device != getattr(sample, "device", generator.device):
-                raise ValueError(f"generator lives on {generator.device}, the sample on {sample.device}")
-            philox_state = generator.state
+            if isinstance(sample, torch.Tensor):
+                ops.check_philox_state(generator.buffer, sample, name="generator")
+            philox_state = generator.buffer  # the step draws from it and moves it on, in one launch
         elif variance_noise is None and isinstance(model_output, torch.Tensor):
             variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                                           dtype=model_output.dtype)
-        result = self._run_step(model_output, timestep, sample, eta, use_clipped_model_output, variance_noise,
-                                philox_state, thresholding=self.config.thresholding, return_dict=return_dict,
-                                process_group=process_group if process_group is not None
-                                else self.threshold_process_group, **guidance)
-        if philox_state is not None:
-            generator.advance()
-        return result
+        return self._run_step(model_output, timestep, sample, eta, use_clipped_model_output, variance_noise,
+                              philox_state, thresholding=self.config.thresholding, return_dict=return_dict,
+                              process_group=process_group if process_group is not None
+                              else self.threshold_process_group, **guidance)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """Forward diffusion: sqrt(alpha_t) * original_samples + sqrt(1 - alpha_t) * noise.
@@ -581,7 +685,7 @@ class DDIMScheduler(_DDIMBase):
         return out.to(dtype)
 
 
-class DDIMInverseScheduler(_DDIMBase):
+class DDIMInverseScheduler(_DDIMBase, *diffusers_bases("scheduling_ddim_inverse", "DDIMInverseScheduler")):
     """The inverse of `DDIMScheduler` (DDIM inversion, x_0 -> x_T): a drop-in for diffusers' class.
 
     Args:
@@ -600,7 +704,11 @@ class DDIMInverseScheduler(_DDIMBase):
         rescale_betas_zero_snr (`bool`, defaults to `False`): rescale the betas to zero terminal SNR.
     """
 
+    __module__ = "fastddim"  # public under fastddim's name, as DDIMScheduler
     _inverse = True
+    initial_alpha_cumprod = _schedule_attribute(
+        "initial_alpha_cumprod", _check_boundary,
+        "The alpha product before the first step (1, or alphas_cumprod[0]); assigning it changes the first step.")
     ignore_for_config = ["kwargs"]
     _deprecated_kwargs = ["set_alpha_to_zero"]
 

@@ -60,10 +60,11 @@ def quantile_indices(n, ratio: float, dtype: torch.dtype, device=None):
     """(below, above, weight) of torch.quantile(row, ratio) for rows of `n` elements (an int or an int64 tensor):
     the order statistics it interpolates and the weight, computed as torch computes them. For n - 1 past 2**24
     in float32 the rank is rounded as torch rounds it and the indices are kept within the row."""
-    q = torch.tensor(ratio, dtype=dtype, device=device)
     if not isinstance(n, torch.Tensor):
         n = torch.tensor(n, dtype=torch.int64, device=device)
-    rank = q * (n - 1)
+    # torch.quantile's q * last_index: n - 1 rounded to the dtype, times q (a scalar holding the dtype's value
+    # of ratio, so a device `n` needs no host-to-device copy), rounded once.
+    rank = (n - 1).to(dtype) * torch.tensor(ratio, dtype=dtype).item()
     floor = rank.to(torch.int64)
     below = torch.minimum(floor, n - 1)
     above = torch.minimum(rank.ceil().to(torch.int64), n - 1)
@@ -259,7 +260,7 @@ def _radix_order_statistics(bits: torch.Tensor, ratio: float, dtype: torch.dtype
 
 
 def threshold_scale(x0: torch.Tensor, ratio: float, max_value: float, process_group=None,
-                    radix: bool = False) -> torch.Tensor:
+                    radix: bool = False, return_order_statistics: bool = False):
     """Per-sample s = clamp(torch.quantile(|x0|, ratio), 1, max_value) over all but the first dimension of the
     float32 or float64 `x0`, bit for bit, with no size limit; shape (batch,).
 
@@ -268,27 +269,43 @@ def threshold_scale(x0: torch.Tensor, ratio: float, max_value: float, process_gr
             holds the same batch, a part of every sample): s is the threshold of the whole samples, the same on
             every process. `torch.distributed.group.WORLD` for all processes.
         radix: use the radix select even without a process group (what the sharded variant runs).
+        return_order_statistics: also return the (lower, upper, weight) that torch.quantile interpolates, each
+            of shape (batch,) in x0's dtype (where s does not depend on an order statistic's exact value, a value
+            on the same side of the window stands in for it).
     """
     if x0.dtype not in _PATTERNS:
         raise TypeError(f"x0 must be float32 or float64, got {x0.dtype}")
     batch = x0.shape[0] if x0.dim() else 1
     if batch == 0:  # (every process of a group holds the same batch: none runs collectives)
-        return torch.empty(0, dtype=x0.dtype, device=x0.device)
+        empty = torch.empty(0, dtype=x0.dtype, device=x0.device)
+        return (empty, (empty, empty, empty)) if return_order_statistics else empty
     flat = x0.reshape(batch, -1)
     lo, hi, bound = window_bits(max_value, x0.dtype)
     bits = abs_bits(flat)
-    if process_group is not None or radix:
+    # An empty window (sample_max_value <= 1: s is sample_max_value, or NaN/inf from non-finite values) needs only
+    # the counts, which the radix path takes without any histogram.
+    if process_group is not None or radix or hi <= lo:
         reduce = all_reduce_hook(process_group) if process_group is not None else None
         lower, upper, weight = _radix_order_statistics(bits, ratio, x0.dtype, lo, hi, reduce)
     else:
         lower, upper, weight = _local_order_statistics(bits, ratio, x0.dtype, lo, hi)
-    return threshold_from_order_statistics(lower.view(x0.dtype), upper.view(x0.dtype), weight, bound)
+    lower, upper = lower.view(x0.dtype), upper.view(x0.dtype)
+    s = threshold_from_order_statistics(lower, upper, weight, bound)
+    if return_order_statistics:
+        return s, (lower, upper, weight.expand(batch))
+    return s
 
 
 def threshold(x0: torch.Tensor, ratio: float, max_value: float, process_group=None) -> torch.Tensor:
     """Dynamic thresholding: clamp(x0, -s, s) / s per sample, s from `threshold_scale` (same arguments)."""
     batch = x0.shape[0] if x0.dim() else 1
-    s = threshold_scale(x0, ratio, max_value, process_group).view((batch,) + (1,) * max(x0.dim() - 1, 0))
+    if x0.requires_grad and torch.is_grad_enabled():
+        from fastddim.autograd import threshold_scale as differentiable_scale  # (it builds on this module)
+
+        s = differentiable_scale(x0, ratio, max_value, process_group)
+    else:
+        s = threshold_scale(x0, ratio, max_value, process_group)
+    s = s.view((batch,) + (1,) * max(x0.dim() - 1, 0))
     if x0.dim() == 0:
         s = s.view(())
     return torch.clamp(x0, -s, s) / s

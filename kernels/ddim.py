@@ -30,15 +30,23 @@ MAX_RANK = 5
 BLOCK_SIZE = 1024
 STATS_BLOCK_SIZE = 1024
 INT32_LIMIT = 2**31 - 1
+# CUDA's limit on grid axes 1 and 2 (axis 0 takes 2**31 - 1 programs).
+MAX_GRID_AXIS = 65535
+# Options of every launch (and of kernels/compile_check.py): no floating-point contraction. Triton fuses a * b + c
+# into one fma by default, whose unrounded product no torch op reproduces (and whose use can differ from kernel
+# to kernel); without it every operation rounds as written, so the same formula gives the same bits in every
+# kernel and variant: the thresholding passes see exactly the x0 of the step they threshold.
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}
 # Globals read inside a @triton.jit function must be constexpr (the interpreter does not enforce it; GPUs do).
 TABLE_ROW_WIDTH = tl.constexpr(ROW_WIDTH)
+PHILOX_ROWS_PER_PASS = tl.constexpr(1024)  # generator rows the last program advances per vector atomic
 
 
 @triton.jit
 def _standard_normal(seed, counter, index):
-    """N(0, 1) noise for element `index` of draw number `counter`: Philox4x32-10 keyed by `seed` with the counter
-    block (index_lo, index_hi, counter_lo, counter_hi), then Box-Muller as in `tl.randn`. The torch path draws
-    the same stream (fastddim.reference.philox_normal)."""
+    """N(0, 1) noise for element `index` (within its sample) of draw number `counter`: Philox4x32-10 keyed by
+    `seed` with the counter block (index_lo, index_hi, counter_lo, counter_hi), then Box-Muller as in `tl.randn`.
+    The torch path draws the same stream (fastddim.reference.philox_normal)."""
     index = index.to(tl.int64)
     zero = (index * 0).to(tl.uint32)
     c0 = (index & 0xFFFFFFFF).to(tl.uint32)
@@ -87,16 +95,17 @@ def _divide(numerator, denominator, MATH_FP64: tl.constexpr):
 
 
 @triton.jit
-def _step_coefficients(table_ptr, timestep_ptr, timestep, num_train_timesteps, eta, batch, mask,
+def _step_coefficients(table_ptr, timestep_ptr, timestep, num_train_timesteps, eta, sample,
                        TIMESTEP_MODE: tl.constexpr):
-    """(sqrt_alpha_t, sqrt_beta_t, sqrt_alpha_prev, direction, std) in float64 for the timestep of each element:
-    the `timestep` argument (mode 0), timestep_ptr[0] (mode 1) or timestep_ptr[batch] (mode 2)."""
+    """(sqrt_alpha_t, sqrt_beta_t, sqrt_alpha_prev, direction, std) as float64 scalars, for the `timestep`
+    argument (mode 0), timestep_ptr[0] (mode 1) or timestep_ptr[sample] (mode 2, `sample` being the index of the
+    one sample the calling program works on): computed once per program, never per element."""
     if TIMESTEP_MODE == 0:
         t = timestep
     elif TIMESTEP_MODE == 1:
         t = tl.load(timestep_ptr)
     else:
-        t = tl.load(timestep_ptr + batch, mask=mask, other=0)
+        t = tl.load(timestep_ptr + sample)
     # A timestep outside the table has no coefficients: its results are NaN, never a neighbour's numbers.
     valid = (t >= 0) & (t < num_train_timesteps)
     row = table_ptr + tl.where(valid, t, 0).to(tl.int64) * TABLE_ROW_WIDTH
@@ -115,12 +124,23 @@ def _step_coefficients(table_ptr, timestep_ptr, timestep, num_train_timesteps, e
 
 
 @triton.jit
+def _clamp(x, limit):
+    """clamp(x, -limit, limit) for limit >= 0, NaN propagating as torch.clamp. Not tl.clamp: with
+    propagate_nan=ALL it lowers to LLVM intrinsics the NVPTX backend lacks for some dtypes and versions (a tensor
+    limit on triton 3.6, float64 on sm_90/sm_100 with triton 3.9); maximum-then-minimum is the same clamp."""
+    return tl.minimum(tl.maximum(x, -limit, propagate_nan=tl.PropagateNan.ALL), limit,
+                      propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _predicted_x0_eps(model_output_ptr, uncond_ptr, sample_ptr, stats_ptr, m_offsets, u_offsets, x_offsets,
-                      batch, mask, sqrt_alpha_t, sqrt_beta_t, guidance_scale_bits, guidance_rescale_bits,
+                      sample, mask, sqrt_alpha_t, sqrt_beta_t, guidance_scale_bits, guidance_rescale_bits,
                       PREDICTION: tl.constexpr, GUIDANCE: tl.constexpr, MATH_FP64: tl.constexpr):
     """(x0, eps, x) of each element in the math dtype, before clipping or thresholding: the loads of the model
     output (guided when GUIDANCE != 0) and the sample, and the prediction-type algebra. Shared by the step
-    kernel and the thresholding passes (kernels/threshold.py), so both see the same x0 bit for bit."""
+    kernel and the thresholding passes (kernels/threshold.py), so both see the same x0 bit for bit (all
+    launched without contraction: LAUNCH_OPTIONS). With GUIDANCE == 2, `sample` is the index of the one sample
+    the calling program works on."""
     if MATH_FP64:
         math_dtype = tl.float64
     else:
@@ -132,10 +152,9 @@ def _predicted_x0_eps(model_output_ptr, uncond_ptr, sample_ptr, stats_ptr, m_off
         u = tl.load(uncond_ptr + u_offsets, mask=mask).to(math_dtype)
         m = u + _float64(guidance_scale_bits).to(math_dtype) * (m - u)
         if GUIDANCE == 2:
-            stats = stats_ptr + batch * 2
-            std_cond = tl.load(stats, mask=mask, other=1.0)
-            std_cfg = tl.load(stats + 1, mask=mask, other=1.0)
-            rescaled = m * (std_cond / std_cfg).to(math_dtype)
+            # The sample's float64 statistics, divided once per program.
+            stats = stats_ptr + sample * 2
+            rescaled = m * (tl.load(stats) / tl.load(stats + 1)).to(math_dtype)
             rescale = _float64(guidance_rescale_bits).to(math_dtype)
             m = rescale * rescaled + (1.0 - rescale) * m
 
@@ -151,14 +170,40 @@ def _predicted_x0_eps(model_output_ptr, uncond_ptr, sample_ptr, stats_ptr, m_off
     return x0, eps, x
 
 
+@triton.jit
+def _philox_noise(rng_ptr, rng_rows, batch, within, mask):
+    """Each element's N(0, 1) noise from the generator buffer at rng_ptr: rng_rows (seed, offset) rows, one per
+    sample or one for the whole batch (sample b then keys with seed + b), then the ticket row. The last program of
+    the launch to get here adds 1 to every offset and puts the ticket back to 0, so the step needs no second launch
+    to move the stream on."""
+    batch = within * 0 + batch  # a program of one sample (SAMPLE_PROGRAMS) passes its index as a scalar
+    shared = rng_rows == 1
+    row = rng_ptr + tl.where(shared, 0, batch).to(tl.int64) * 2
+    seed = tl.load(row, mask=mask, other=0) + tl.where(shared, batch, 0).to(tl.int64)
+    offset = tl.load(row + 1, mask=mask, other=0)
+    noise = _standard_normal(seed, offset, within)
+    # Every thread of this program has loaded its offsets before the ticket is taken (the barrier), and every
+    # program takes its ticket after its loads (acq_rel atomics), so the last ticket holder writes after all reads.
+    tl.debug_barrier()
+    ticket = rng_ptr + rng_rows.to(tl.int64) * 2
+    programs = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+    if tl.atomic_add(ticket, 1) == programs - 1:
+        rows = tl.arange(0, PHILOX_ROWS_PER_PASS)
+        while tl.min(rows) < rng_rows:  # not range(): Triton 3.6's interpreter cannot range() over an argument
+            tl.atomic_add(rng_ptr + rows.to(tl.int64) * 2 + 1, 1, mask=rows < rng_rows)
+            rows += PHILOX_ROWS_PER_PASS
+        tl.atomic_xchg(ticket, 0)
+    return noise
+
+
 @triton.jit(do_not_specialize=["timestep", "eta_bits", "clip_range_bits", "guidance_scale_bits",
-                               "guidance_rescale_bits"])
+                               "guidance_rescale_bits", "rng_rows"])
 def _ddim_step_kernel(
     model_output_ptr, uncond_ptr, sample_ptr, noise_ptr, prev_ptr, x0_ptr,
     table_ptr, timestep_ptr, rng_ptr, stats_ptr, threshold_ptr,
-    timestep, num_train_timesteps,
+    timestep, num_train_timesteps, rng_rows,
     eta_bits, clip_range_bits, guidance_scale_bits, guidance_rescale_bits,
-    n_elements, batch_stride,
+    n_elements, batch_stride,  # batch_stride: elements per sample (the outputs' batch stride)
     size_1, size_2, size_3, size_4,
     m_stride_0, m_stride_1, m_stride_2, m_stride_3, m_stride_4,
     u_stride_0, u_stride_1, u_stride_2, u_stride_3, u_stride_4,
@@ -168,46 +213,66 @@ def _ddim_step_kernel(
     CLIP: tl.constexpr,
     USE_CLIPPED: tl.constexpr,
     TIMESTEP_MODE: tl.constexpr,  # 0 the `timestep` argument, 1 timestep_ptr[0], 2 timestep_ptr[batch index]
-    NOISE: tl.constexpr,  # 0 none, 1 noise_ptr, 2 in-kernel Philox from rng_ptr = (seed, counter)
+    NOISE: tl.constexpr,  # 0 none, 1 noise_ptr, 2 in-kernel Philox from the generator buffer at rng_ptr
     GUIDANCE: tl.constexpr,  # 0 none, 1 uncond + scale * (cond - uncond), 2 that rescaled by stats_ptr
     STRIDED: tl.constexpr,  # False: all tensors share one dense layout, index memory directly
+    SAMPLE_PROGRAMS: tl.constexpr,  # each program covers a chunk of one sample (see sample_programs)
     INT64: tl.constexpr,  # offsets can pass 2**31 - 1
     MATH_FP64: tl.constexpr,
     WRITE_PREV: tl.constexpr,
     WRITE_X0: tl.constexpr,  # False when the caller computes pred_original_sample only if it is read
-    THRESHOLD: tl.constexpr,  # clamp/divide x0 by the per-sample threshold_ptr[batch] (precedes CLIP)
+    THRESHOLD: tl.constexpr,  # clamp/divide x0 by the per-sample threshold_ptr[sample] (precedes CLIP)
     BLOCK: tl.constexpr,
 ):
+    tl.static_assert(SAMPLE_PROGRAMS or (TIMESTEP_MODE != 2 and GUIDANCE != 2 and not THRESHOLD),
+                     "per-sample values are read once per program: they need SAMPLE_PROGRAMS")
     eta = _float64(eta_bits)
     pid = tl.program_id(0)
     if INT64:
-        offsets = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        pid = pid.to(tl.int64)
+    if SAMPLE_PROGRAMS:
+        # Program pid covers chunk pid % chunks of sample pid // chunks (the last chunk of each sample masked),
+        # so the sample's timestep, guidance statistics and threshold are scalars of the program.
+        chunks = tl.cdiv(batch_stride, BLOCK)
+        sample = pid // chunks
+        within = (pid - sample * chunks) * BLOCK + tl.arange(0, BLOCK)
+        mask = within < batch_stride
+        offsets = sample * batch_stride + within
     else:
+        sample = 0
         offsets = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n_elements
+        mask = offsets < n_elements
 
     if STRIDED:
         # Logical index (i0, ..., i4) of each element, then each input's own strides; outputs are contiguous.
-        rest, i2, i3, i4 = _unravel(offsets, size_2, size_3, size_4)
-        i1 = rest % size_1
-        batch = rest // size_1
+        if SAMPLE_PROGRAMS:
+            i1, i2, i3, i4 = _unravel(within, size_2, size_3, size_4)
+            batch = sample
+        else:
+            rest, i2, i3, i4 = _unravel(offsets, size_2, size_3, size_4)
+            i1 = rest % size_1
+            batch = rest // size_1
         m_offsets = _strided_offset(batch, i1, i2, i3, i4, m_stride_0, m_stride_1, m_stride_2, m_stride_3, m_stride_4)
         u_offsets = _strided_offset(batch, i1, i2, i3, i4, u_stride_0, u_stride_1, u_stride_2, u_stride_3, u_stride_4)
         x_offsets = _strided_offset(batch, i1, i2, i3, i4, x_stride_0, x_stride_1, x_stride_2, x_stride_3, x_stride_4)
         n_offsets = _strided_offset(batch, i1, i2, i3, i4, n_stride_0, n_stride_1, n_stride_2, n_stride_3, n_stride_4)
-        logical = offsets
+        within = offsets - batch * (size_1 * size_2 * size_3 * size_4)  # the element's index within its sample
     else:
         m_offsets = offsets
         u_offsets = offsets
         x_offsets = offsets
         n_offsets = offsets
-        # In a dense layout whose batch dimension is outermost, memory offset // batch_stride is the batch index;
-        # the launcher only takes this path for Philox noise when the layout is contiguous (logical == memory).
-        batch = offsets // batch_stride
-        logical = offsets
+        # A dense layout whose batch dimension is outermost: sample b fills memory [b, b + 1) * batch_stride. The
+        # launcher only takes this path for Philox noise when the layout is contiguous (logical == memory). Only
+        # the Philox noise reads batch and within: elsewhere the compiler drops them.
+        if SAMPLE_PROGRAMS:
+            batch = sample
+        else:
+            batch = offsets // batch_stride
+            within = offsets - batch * batch_stride
 
     sqrt_alpha_t64, sqrt_beta_t64, sqrt_alpha_prev64, direction64, std64 = _step_coefficients(
-        table_ptr, timestep_ptr, timestep, num_train_timesteps, eta, batch, mask, TIMESTEP_MODE)
+        table_ptr, timestep_ptr, timestep, num_train_timesteps, eta, sample, TIMESTEP_MODE)
 
     if MATH_FP64:
         math_dtype = tl.float64
@@ -219,20 +284,16 @@ def _ddim_step_kernel(
     direction = direction64.to(math_dtype)
 
     x0, eps, x = _predicted_x0_eps(model_output_ptr, uncond_ptr, sample_ptr, stats_ptr, m_offsets, u_offsets,
-                                   x_offsets, batch, mask, sqrt_alpha_t, sqrt_beta_t, guidance_scale_bits,
+                                   x_offsets, sample, mask, sqrt_alpha_t, sqrt_beta_t, guidance_scale_bits,
                                    guidance_rescale_bits, PREDICTION, GUIDANCE, MATH_FP64)
 
     if THRESHOLD:
         # s >= 1 from kernels/threshold.py (or NaN, which makes the whole sample NaN, as in torch):
-        # clamp(x0, -s, s) / s, the IEEE division as torch's. (tl.clamp(x0, -s, s) with a tensor s lowers to an
-        # LLVM intrinsic the NVPTX backend lacks; maximum-then-minimum is the same clamp since -s <= s.)
-        s = tl.load(threshold_ptr + batch, mask=mask, other=1.0).to(math_dtype)
-        clamped = tl.minimum(tl.maximum(x0, -s, propagate_nan=tl.PropagateNan.ALL), s,
-                             propagate_nan=tl.PropagateNan.ALL)
-        x0 = _divide(clamped, s, MATH_FP64)
+        # clamp(x0, -s, s) / s, the IEEE division as torch's.
+        s = tl.load(threshold_ptr + sample).to(math_dtype)
+        x0 = _divide(_clamp(x0, s), s, MATH_FP64)
     elif CLIP:
-        limit = _float64(clip_range_bits).to(math_dtype)
-        x0 = tl.clamp(x0, -limit, limit, propagate_nan=tl.PropagateNan.ALL)
+        x0 = _clamp(x0, _float64(clip_range_bits).to(math_dtype))
 
     if USE_CLIPPED:
         eps = _divide(x - sqrt_alpha_t * x0, sqrt_beta_t, MATH_FP64)
@@ -242,9 +303,7 @@ def _ddim_step_kernel(
         noise = tl.load(noise_ptr + n_offsets, mask=mask).to(math_dtype)
         prev = prev + std64.to(math_dtype) * noise
     elif NOISE == 2:
-        seed = tl.load(rng_ptr)
-        counter = tl.load(rng_ptr + 1)
-        noise = _standard_normal(seed, counter, logical).to(math_dtype)
+        noise = _philox_noise(rng_ptr, rng_rows, batch, within, mask).to(math_dtype)
         prev = prev + std64.to(math_dtype) * noise
 
     if WRITE_PREV:
@@ -259,25 +318,49 @@ def _guidance_stats_kernel(
     c_stride_0, c_stride_1, c_stride_2, c_stride_3, c_stride_4,
     u_stride_0, u_stride_1, u_stride_2, u_stride_3, u_stride_4,
     size_1, size_2, size_3, size_4,
+    INT64: tl.constexpr,  # offsets can pass 2**31 - 1
     BLOCK: tl.constexpr,
 ):
-    """Per-sample sums of cond, cond^2, cfg and cfg^2 (cfg = uncond + scale * (cond - uncond)) in float64,
-    accumulated over a (batch, chunk) grid with atomics; the std of each follows from its two sums."""
-    batch = tl.program_id(0)
-    chunk = tl.program_id(1)
-    within = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = within < per_sample
-    i1, i2, i3, i4 = _unravel(within, size_2, size_3, size_4)
-    c_offsets = _strided_offset(batch, i1, i2, i3, i4, c_stride_0, c_stride_1, c_stride_2, c_stride_3, c_stride_4)
-    u_offsets = _strided_offset(batch, i1, i2, i3, i4, u_stride_0, u_stride_1, u_stride_2, u_stride_3, u_stride_4)
-    c = tl.load(cond_ptr + c_offsets, mask=mask, other=0.0).to(tl.float64)
-    u = tl.load(uncond_ptr + u_offsets, mask=mask, other=0.0).to(tl.float64)
-    cfg = u + _float64(guidance_scale_bits) * (c - u)
-    out = sums_ptr + batch * 4
-    tl.atomic_add(out + 0, tl.sum(c, axis=0))
-    tl.atomic_add(out + 1, tl.sum(c * c, axis=0))
-    tl.atomic_add(out + 2, tl.sum(cfg, axis=0))
-    tl.atomic_add(out + 3, tl.sum(cfg * cfg, axis=0))
+    """Per-sample sums of cond, cond^2, cfg and cfg^2 (cfg = uncond + scale * (cond - uncond)) in float64 over a
+    (batch, programs per sample) grid: each program accumulates every programs-th chunk of its sample in
+    registers and adds its four sums with atomics. The std of each follows from its two sums."""
+    sample = tl.program_id(0)
+    program = tl.program_id(1)
+    programs = tl.num_programs(1)
+    if INT64:
+        sample = sample.to(tl.int64)
+    scale = _float64(guidance_scale_bits)
+    n_chunks = tl.cdiv(per_sample, BLOCK)
+    c_sum = tl.zeros([BLOCK], dtype=tl.float64)
+    c_squares = tl.zeros([BLOCK], dtype=tl.float64)
+    cfg_sum = tl.zeros([BLOCK], dtype=tl.float64)
+    cfg_squares = tl.zeros([BLOCK], dtype=tl.float64)
+    # A while loop: Triton's interpreter cannot run a `for` over runtime bounds with numpy >= 2.
+    chunk = program
+    while chunk < n_chunks:
+        if INT64:
+            within = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        else:
+            within = chunk * BLOCK + tl.arange(0, BLOCK)
+        mask = within < per_sample
+        i1, i2, i3, i4 = _unravel(within, size_2, size_3, size_4)
+        c_offsets = _strided_offset(sample, i1, i2, i3, i4, c_stride_0, c_stride_1, c_stride_2, c_stride_3,
+                                    c_stride_4)
+        u_offsets = _strided_offset(sample, i1, i2, i3, i4, u_stride_0, u_stride_1, u_stride_2, u_stride_3,
+                                    u_stride_4)
+        c = tl.load(cond_ptr + c_offsets, mask=mask, other=0.0).to(tl.float64)
+        u = tl.load(uncond_ptr + u_offsets, mask=mask, other=0.0).to(tl.float64)
+        cfg = u + scale * (c - u)
+        c_sum += c
+        c_squares += c * c
+        cfg_sum += cfg
+        cfg_squares += cfg * cfg
+        chunk += programs
+    out = sums_ptr + sample * 4
+    tl.atomic_add(out + 0, tl.sum(c_sum, axis=0))
+    tl.atomic_add(out + 1, tl.sum(c_squares, axis=0))
+    tl.atomic_add(out + 2, tl.sum(cfg_sum, axis=0))
+    tl.atomic_add(out + 3, tl.sum(cfg_squares, axis=0))
 
 
 # Whether Triton decorated the kernel for its interpreter (TRITON_INTERPRET=1 when this module was imported):
@@ -318,6 +401,24 @@ def needs_int64(n_elements: int, tensors) -> bool:
     return max([n_elements - 1] + [_max_offset(t) for t in tensors]) > INT32_LIMIT - BLOCK_SIZE
 
 
+def programs_per_sample(per_sample: int, batch: int, device: torch.device, block: int) -> int:
+    """Programs per sample (grid axis 1) of the kernels that loop over a sample's chunks of `block` elements:
+    enough to fill the GPU, at most one per chunk and at most CUDA's MAX_GRID_AXIS."""
+    chunks = triton.cdiv(per_sample, block)
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 3  # the interpreter: a few programs, so the per-program loops and the atomics are exercised
+    return max(1, min(chunks, triton.cdiv(target, max(batch, 1)), MAX_GRID_AXIS))
+
+
+def sample_programs(timestep_mode: int, guidance_mode: int, thresholding: bool) -> bool:
+    """Whether the step kernel runs one sample per program (SAMPLE_PROGRAMS): whenever a per-sample value
+    (timestep, guidance statistics, threshold) enters the math, so that it is loaded, and the coefficients are
+    computed, once per program (float64 scalars) rather than per element."""
+    return timestep_mode == TIMESTEP_PER_SAMPLE or guidance_mode == GUIDANCE_RESCALED or bool(thresholding)
+
+
 def guidance_std_ratio(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
     """(std(cond), std(cfg)) per sample as a (batch, 2) float64 tensor, std over all but the batch dimension with
     Bessel's correction, as diffusers' `rescale_noise_cfg` takes it."""
@@ -327,11 +428,11 @@ def guidance_std_ratio(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale:
         cond, uncond = cond.reshape(batch, per_sample), uncond.reshape(batch, per_sample)
     sums = torch.zeros(batch, 4, dtype=torch.float64, device=cond.device)
     sizes = _padded(cond.shape, 1)
-    grid = (batch, triton.cdiv(per_sample, STATS_BLOCK_SIZE))
+    grid = (batch, programs_per_sample(per_sample, batch, cond.device, STATS_BLOCK_SIZE))
     _guidance_stats_kernel[grid](
         cond, uncond, sums, float64_bits(guidance_scale), per_sample,
         *_padded(cond.stride(), 0), *_padded(uncond.stride(), 0), *sizes[1:],
-        BLOCK=STATS_BLOCK_SIZE,
+        INT64=needs_int64(cond.numel(), [cond, uncond]), BLOCK=STATS_BLOCK_SIZE, **LAUNCH_OPTIONS,
     )
     mean = sums[:, 0::2] / per_sample
     variance = (sums[:, 1::2] - per_sample * mean * mean) / (per_sample - 1)
@@ -390,7 +491,8 @@ class StepLauncher:
             `ddim_step`.
 
     Call it as `launcher(model_output, sample, table, timestep, variance_noise, philox_state, uncond_output)` with
-    tensors that have those properties (`fastddim.plan.PlanCache` keys on them); returns `(prev, x0)`.
+    tensors that have those properties (`fastddim.plan.PlanCache` keys on them); returns `(prev, x0)`. With
+    thresholding, `thresholds=` takes per-sample thresholds already found (see `ddim_step`).
     """
 
     def __init__(self, options, model_output, sample, table, timestep, variance_noise=None, philox_state=None,
@@ -405,8 +507,9 @@ class StepLauncher:
                 t.contiguous() if t is not None else None for t in (model_output, sample, uncond_output,
                                                                      variance_noise))
         self.n_elements = n_elements = sample.numel()
-        self.batch_stride = sample.stride(0) if self.shared_dense and sample.dim() and sample.shape[0] > 1 \
-            else n_elements
+        batch = sample.shape[0] if sample.dim() else 1
+        # Elements per sample (the outputs' batch stride when the layout is shared and dense).
+        self.per_sample = n_elements // batch if batch else 0
         self.int64 = needs_int64(n_elements, [t for t in (model_output, sample, uncond_output, variance_noise)
                                               if t is not None])
         self.math_fp64 = self.out_dtype == torch.float64
@@ -426,12 +529,17 @@ class StepLauncher:
         sizes = _padded(sample.shape, 1) if not self.shared_dense else (1,) * MAX_RANK
         # The kernel's scalar arguments after `timestep`, in parameter order.
         self.scalar_arguments = (
-            table.shape[0], float64_bits(options.eta), float64_bits(options.clip_sample_range),
+            table.shape[0], philox_state.shape[0] - 1 if philox_state is not None else 0,
+            float64_bits(options.eta), float64_bits(options.clip_sample_range),
             float64_bits(options.guidance_scale), float64_bits(options.guidance_rescale),
-            n_elements, self.batch_stride, *sizes[1:], *strides_of(model_output), *strides_of(uncond_output),
+            n_elements, self.per_sample, *sizes[1:], *strides_of(model_output), *strides_of(uncond_output),
             *strides_of(sample), *strides_of(variance_noise),
         )
-        self.grid = (triton.cdiv(n_elements, BLOCK_SIZE),)
+        self.sample_programs = sample_programs(self.timestep_mode, self.guidance_mode, options.thresholding)
+        if self.sample_programs:
+            self.grid = (batch * triton.cdiv(self.per_sample, BLOCK_SIZE),)
+        else:
+            self.grid = (triton.cdiv(n_elements, BLOCK_SIZE),)
         self.constexprs = dict(
             PREDICTION=PREDICTION_CODES[options.prediction_type],
             CLIP=bool(options.clip_sample),
@@ -440,6 +548,7 @@ class StepLauncher:
             NOISE=self.noise_mode,
             GUIDANCE=self.guidance_mode,
             STRIDED=not self.shared_dense,
+            SAMPLE_PROGRAMS=self.sample_programs,
             INT64=self.int64,
             MATH_FP64=self.math_fp64,
             WRITE_PREV=bool(options.write_prev_sample),
@@ -454,7 +563,7 @@ class StepLauncher:
         return torch.empty(sample.shape, dtype=self.out_dtype, device=sample.device)
 
     def __call__(self, model_output, sample, table, timestep, variance_noise=None, philox_state=None,
-                 uncond_output=None):
+                 uncond_output=None, thresholds=None):
         options = self.options
         if self.needs_contiguous:
             model_output, sample, uncond_output, variance_noise = (
@@ -471,6 +580,8 @@ class StepLauncher:
         else:
             timestep_arg, timestep_ptr = 0, timestep
         if self.n_elements == 0:
+            if philox_state is not None:
+                philox_state[:-1, 1].add_(1)  # a step moves the stream on even when it has nothing to draw
             if options.thresholding and self.threshold_reduce is not None:
                 # An empty shard still takes part in the collectives of the other shards' thresholds.
                 from .threshold import sample_thresholds
@@ -483,7 +594,9 @@ class StepLauncher:
         if self.guidance_mode == GUIDANCE_RESCALED:
             stats = guidance_std_ratio(model_output, uncond_output, options.guidance_scale)
         threshold = table
-        if options.thresholding:
+        if options.thresholding and thresholds is not None:
+            threshold = thresholds
+        elif options.thresholding:
             from .threshold import threshold_scale  # threshold.py builds on this module's helpers
 
             threshold = threshold_scale(
@@ -507,7 +620,7 @@ class StepLauncher:
 
 def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, table: torch.Tensor, timestep=None, options=None,
               variance_noise: torch.Tensor | None = None, philox_state: torch.Tensor | None = None,
-              uncond_output: torch.Tensor | None = None, threshold_reduce=None,
+              uncond_output: torch.Tensor | None = None, threshold_reduce=None, thresholds: torch.Tensor | None = None,
               **option_values) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Fused DDIM step on the Triton kernel; returns `(prev_sample, pred_original_sample)`.
 
@@ -524,13 +637,17 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, table: torch.Ten
             pass those as keywords (`option_values`). With thresholding, the per-sample threshold is found exactly
             by the radix-select passes of `kernels/threshold.py` (which read the inputs again, never a stored x0).
         variance_noise: standard normal noise of the sample's shape, or None.
-        philox_state: instead of variance_noise, an int64 device tensor (seed, counter): the kernel draws the
-            noise itself (see `fastddim.reference.philox_normal`); the caller advances the counter.
+        philox_state: instead of variance_noise, a `PhiloxGenerator.buffer` on the device: an int64 tensor of
+            (rows + 1, 2): (seed, offset) rows, one per sample or one for the batch, then a ticket row of zeros. The
+            kernel draws the noise itself (see `fastddim.reference.philox_normal`) and, in the same launch, adds 1
+            to every offset.
         uncond_output: classifier-free guidance fused into the step: the model output used is
             uncond + scale * (model_output - uncond), rescaled as diffusers' `rescale_noise_cfg` when
             guidance_rescale > 0.
         threshold_reduce: for a sample sharded across processes, `reduce(tensor, op)` all-reduces ("sum" or
             "max") the threshold's per-sample counts in place (see `kernels.threshold.threshold_scale`).
+        thresholds: with thresholding, the per-sample thresholds `sample_thresholds` already found for these
+            inputs (the autograd forward keeps its order statistics for the backward); None: found here.
     """
     if options is None:
         options = StepOptions(**option_values)
@@ -539,7 +656,8 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, table: torch.Ten
     table, timestep = as_table(table, timestep)
     launcher = StepLauncher(options, model_output, sample, table, timestep, variance_noise, philox_state,
                             uncond_output, threshold_reduce)
-    return launcher(model_output, sample, table, timestep, variance_noise, philox_state, uncond_output)
+    return launcher(model_output, sample, table, timestep, variance_noise, philox_state, uncond_output,
+                    thresholds=thresholds)
 
 
-_step_launcher = DirectLauncher(_ddim_step_kernel)
+_step_launcher = DirectLauncher(_ddim_step_kernel, LAUNCH_OPTIONS)

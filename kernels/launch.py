@@ -7,7 +7,8 @@ JIT launch of a specialization returns, and later calls with the same specializa
 (4-5 µs). The specialization is keyed exactly as the JIT keys it (`specialization_key`): per argument the
 dtype and 16-byte alignment of a tensor, and for an int whether it equals 1 (then a constexpr), is divisible by
 16, and whether it fits int32, int64 or uint64; bools and floats are not specialized; plus the constexprs, the
-JIT options (debug, instrumentation mode) and the current device. Anything else takes the JIT launch:
+JIT options (debug, instrumentation mode), the launch options (`LAUNCH_OPTIONS`: no fp contraction) and the current
+device. Anything else takes the JIT launch:
 
 - the interpreter (TRITON_INTERPRET=1; it has no compiled kernels), CPU tensors, a triton version whose
   `CompiledKernel.run` signature was not validated (`VALIDATED_TRITON_VERSIONS`), launch hooks (profilers),
@@ -91,6 +92,8 @@ class DirectLauncher:
 
     Args:
         kernel (`triton.JITFunction`): the kernel.
+        launch_options (`dict`, *optional*): compile options of every launch (e.g. `{"enable_fp_fusion": False}`):
+            passed to the JIT launch, and part of the key.
         enabled (`bool`, *optional*): force direct launches off (False); by default `direct_launch_supported()`.
 
     Call it as `launcher(kernel, grid, args, constexprs)`: `args` are the runtime arguments in parameter order,
@@ -99,8 +102,10 @@ class DirectLauncher:
     launch recorder) is the one launched; direct launches are only used while it is the kernel given here.
     """
 
-    def __init__(self, kernel, enabled: bool | None = None):
+    def __init__(self, kernel, launch_options: dict | None = None, enabled: bool | None = None):
         self.kernel = kernel
+        self.launch_options = dict(launch_options or {})
+        self.launch_options_key = tuple(self.launch_options.items())
         self.enabled = direct_launch_supported() if enabled is None else enabled
         self.compiled: dict = {}
         runtime_parameters = [p for p in getattr(kernel, "params", ()) if not p.is_constexpr]
@@ -108,21 +113,21 @@ class DirectLauncher:
 
     def __call__(self, kernel, grid, args, constexprs: dict):
         if not self.enabled or kernel is not self.kernel or not args[0].is_cuda:
-            return kernel[grid](*args, **constexprs)
+            return kernel[grid](*args, **constexprs, **self.launch_options)
         from triton import knobs
         from triton.runtime import driver
 
         if knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls:
-            return kernel[grid](*args, **constexprs)
+            return kernel[grid](*args, **constexprs, **self.launch_options)
         try:
             device = driver.active.get_current_device()
-            key = (device, tuple(constexprs.items()), knobs.runtime.debug,
+            key = (device, tuple(constexprs.items()), self.launch_options_key, knobs.runtime.debug,
                    knobs.compilation.instrumentation_mode, specialization_key(args, self.do_not_specialize))
         except Unsupported:
-            return kernel[grid](*args, **constexprs)
+            return kernel[grid](*args, **constexprs, **self.launch_options)
         entry = self.compiled.get(key)
         if entry is None:
-            compiled = kernel[grid](*args, **constexprs)
+            compiled = kernel[grid](*args, **constexprs, **self.launch_options)
             # Only a kernel the JIT launch has loaded (function set) is kept: a direct launch never loads one.
             if getattr(compiled, "function", None) is not None:
                 self.compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata,

@@ -11,9 +11,10 @@ the window s is 1, above it s is sample_max_value, whatever their values. So
    infinite and NaN, keeps the largest |x0| below 1 and the smallest at or above sample_max_value (the order
    statistics next to the window), and histograms the top RADIX_BITS bits of the window's bit patterns (as
    integers, non-negative floats sort like their bit patterns);
-2. a one-program-per-sample select kernel finds which order statistics torch.quantile interpolates (rank =
-   ratio * (n - 1) in the math dtype, as torch computes it), where each falls, and the histogram bin of each
-   that falls inside the window;
+2. a one-program-per-sample select kernel finds where the two order statistics torch.quantile interpolates fall,
+   and the histogram bin of each that falls inside the window (their indices and the weight, from rank =
+   ratio * (n - 1) in the math dtype, are computed by torch's own ops, never by a kernel the compiler could
+   contract: see `_quantile_indices_on_host`);
 3. further histogram passes (only over elements whose high bits match a selected bin, and only for samples that
    still need one) refine those bins RADIX_BITS bits at a time, each followed by a select, until the bit
    patterns of both order statistics are known exactly;
@@ -30,6 +31,7 @@ extremes), so every process finds the threshold of the whole sample.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -37,13 +39,13 @@ import triton
 import triton.language as tl
 
 from fastddim.schedule import as_table
-from fastddim.threshold import radix_levels, window_bits
+from fastddim.threshold import quantile_indices, radix_levels, window_bits
 
 from .ddim import (
-    BLOCK_SIZE, GUIDANCE_CFG, GUIDANCE_NONE, GUIDANCE_RESCALED, PREDICTION_CODES, TIMESTEP_PER_SAMPLE,
-    TIMESTEP_SCALAR, TIMESTEP_TENSOR, _padded, _predicted_x0_eps, _step_coefficients, _strided_offset, _unravel,
-    allocate_outputs,
-    float64_bits, guidance_std_ratio, needs_int64,
+    BLOCK_SIZE, GUIDANCE_CFG, GUIDANCE_NONE, GUIDANCE_RESCALED, LAUNCH_OPTIONS, PREDICTION_CODES,
+    TIMESTEP_PER_SAMPLE, TIMESTEP_SCALAR, TIMESTEP_TENSOR, _padded, _predicted_x0_eps, _step_coefficients,
+    _strided_offset, _unravel, allocate_outputs,
+    float64_bits, guidance_std_ratio, needs_int64, programs_per_sample,
 )
 
 RADIX_BITS = 10
@@ -139,6 +141,15 @@ def _threshold_pass_kernel(
         # Nothing left to refine in this sample (its threshold is a clamp bound, or both statistics are known).
         n_chunks = tl.where(want0 | want1, n_chunks, 0)
 
+    # The sample's coefficients, once per program (float64 scalars).
+    coefficients = _step_coefficients(table_ptr, timestep_ptr, timestep, num_train_timesteps, 0.0, b,
+                                      TIMESTEP_MODE)
+    if MATH_FP64:
+        math_dtype = tl.float64
+    else:
+        math_dtype = tl.float32
+    sqrt_alpha_t = coefficients[0].to(math_dtype)
+    sqrt_beta_t = coefficients[1].to(math_dtype)
     zero = tl.zeros([BLOCK], dtype=tl.int32)
     low = zero
     window = zero
@@ -157,7 +168,6 @@ def _threshold_pass_kernel(
         else:
             within = chunk * BLOCK + tl.arange(0, BLOCK)
         mask = within < per_sample
-        batch = b + within * 0
         if STRIDED:
             i1, i2, i3, i4 = _unravel(within, size_2, size_3, size_4)
             m_offsets = _strided_offset(b, i1, i2, i3, i4, m_stride_0, m_stride_1, m_stride_2, m_stride_3, m_stride_4)
@@ -168,16 +178,9 @@ def _threshold_pass_kernel(
             m_offsets = b * batch_stride + within
             u_offsets = m_offsets
             x_offsets = m_offsets
-        sqrt_alpha_t64, sqrt_beta_t64, _, _, _ = _step_coefficients(
-            table_ptr, timestep_ptr, timestep, num_train_timesteps, 0.0, batch, mask, TIMESTEP_MODE)
-        if MATH_FP64:
-            math_dtype = tl.float64
-        else:
-            math_dtype = tl.float32
         x0, _, _ = _predicted_x0_eps(model_output_ptr, uncond_ptr, sample_ptr, stats_ptr, m_offsets, u_offsets,
-                                     x_offsets, batch, mask, sqrt_alpha_t64.to(math_dtype),
-                                     sqrt_beta_t64.to(math_dtype), guidance_scale_bits, guidance_rescale_bits,
-                                     PREDICTION, GUIDANCE, MATH_FP64)
+                                     x_offsets, b, mask, sqrt_alpha_t, sqrt_beta_t, guidance_scale_bits,
+                                     guidance_rescale_bits, PREDICTION, GUIDANCE, MATH_FP64)
         bits = _abs_bits(x0, MATH_FP64)
         in_window = mask & (bits >= lo) & (bits < hi)
         d = bits - lo
@@ -211,10 +214,11 @@ def _threshold_pass_kernel(
         tl.atomic_add(counts + 3, tl.sum(inf.to(tl.int64), axis=0))
         tl.atomic_add(counts + 4, tl.sum(nan.to(tl.int64), axis=0))
         # Both extremes as maxima of non-negative int64 (0: none), so one zero-filled buffer and one all-reduce
-        # op serve both.
+        # op serve both: max_low + 1 and max_bits - min_high (written tensor first: triton 3.9's interpreter
+        # cannot subtract a tensor from a constexpr).
         extremes = extremes_ptr + b * 2
         tl.atomic_max(extremes + 0, tl.max(max_low, axis=0).to(tl.int64) + 1)
-        tl.atomic_max(extremes + 1, max_bits - tl.min(min_high, axis=0).to(tl.int64))
+        tl.atomic_max(extremes + 1, -tl.min(min_high, axis=0).to(tl.int64) + max_bits)
         if HISTOGRAM:
             tl.atomic_add(sample_hist + bins, hist0.to(tl.int64), mask=hist0 != 0)
     else:
@@ -248,26 +252,28 @@ def _locate(index, n_low, n_window, n_high, n_inf, max_low_bits, min_high_bits, 
     return bits, rank
 
 
-@triton.jit(do_not_specialize=["ratio_bits", "window_lo"])
+@triton.jit(do_not_specialize=["below", "above", "weight_bits", "window_lo"])
 def _threshold_select_kernel(
-    hist_ptr, counts_ptr, extremes_ptr, state_ptr, values_ptr,
-    batch_size, ratio_bits, window_lo,
+    hist_ptr, counts_ptr, extremes_ptr, state_ptr, values_ptr, ranks_ptr,
+    batch_size, below, above, weight_bits, window_lo,
     MATH_FP64: tl.constexpr,
     FIRST: tl.constexpr,  # place the order statistics (and select in the first histogram)
     SELECT: tl.constexpr,  # there is a histogram to select in
-    LAST: tl.constexpr,  # write the order statistics and the weight to values_ptr
+    LAST: tl.constexpr,  # write the order statistics to values_ptr
+    RANKS_ON_DEVICE: tl.constexpr,  # the indices are ranks_ptr[b], ranks_ptr[batch_size + b], not below, above
     NUM_BINS: tl.constexpr,
 ):
     """One program per sample: select the histogram bins holding the two order statistics torch.quantile
-    interpolates, then clear the histograms for the next pass."""
+    interpolates, then clear the histograms for the next pass. No floating-point arithmetic: the indices of the
+    order statistics and the weight come from `fastddim.threshold.quantile_indices` (torch's own ops), as
+    arguments (`below`, `above`, the weight's bit pattern, stored to values_ptr[2]) or, for a sharded sample
+    whose size only the all-reduced counts know, from ranks_ptr (the weight already in values_ptr[2])."""
     b = tl.program_id(0).to(tl.int64)
     if MATH_FP64:
-        math_dtype = tl.float64
         inf_bits: tl.constexpr = _INF64
         nan_bits: tl.constexpr = _NAN64
         max_bits: tl.constexpr = _MAX64
     else:
-        math_dtype = tl.float32
         inf_bits: tl.constexpr = _INF32
         nan_bits: tl.constexpr = _NAN32
         max_bits: tl.constexpr = _MAX32
@@ -281,24 +287,22 @@ def _threshold_select_kernel(
         n_high = tl.load(counts + 2)
         n_inf = tl.load(counts + 3)
         n_nan = tl.load(counts + 4)
-        n = n_low + n_window + n_high + n_inf + n_nan
-        # torch.quantile: rank = q * (n - 1) in the input's dtype (n - 1 rounded to it first), then the order
-        # statistics floor(rank) and ceil(rank) and the weight rank - floor(rank). Past 2**24 elements float32
-        # rounds n - 1, possibly up: the indices are kept within the sample.
-        if MATH_FP64:
-            ratio = ratio_bits.to(tl.int64).to(tl.float64, bitcast=True)
+        if RANKS_ON_DEVICE:
+            below_index = tl.load(ranks_ptr + b)
+            above_index = tl.load(ranks_ptr + batch_size + b)
         else:
-            ratio = ratio_bits.to(tl.int32).to(tl.float32, bitcast=True)
-        rank = ratio * (n - 1).to(math_dtype)
-        below = tl.minimum(rank.to(tl.int64), n - 1)
-        above = tl.minimum(tl.ceil(rank).to(tl.int64), n - 1)
-        weight = rank - rank.to(tl.int64).to(math_dtype)
-        tl.store(values_ptr + 2 * batch_size + b, weight)
+            below_index = below
+            above_index = above
+            if MATH_FP64:
+                weight = weight_bits.to(tl.int64).to(tl.float64, bitcast=True)
+            else:
+                weight = weight_bits.to(tl.int32).to(tl.float32, bitcast=True)
+            tl.store(values_ptr + 2 * batch_size + b, weight)
         max_low_bits = tl.load(extremes_ptr + b * 2) - 1
-        min_high_bits = max_bits - tl.load(extremes_ptr + b * 2 + 1)
-        bits0, rank0 = _locate(below, n_low, n_window, n_high, n_inf, max_low_bits, min_high_bits, inf_bits,
+        min_high_bits = -tl.load(extremes_ptr + b * 2 + 1) + max_bits
+        bits0, rank0 = _locate(below_index, n_low, n_window, n_high, n_inf, max_low_bits, min_high_bits, inf_bits,
                                nan_bits)
-        bits1, rank1 = _locate(above, n_low, n_window, n_high, n_inf, max_low_bits, min_high_bits, inf_bits,
+        bits1, rank1 = _locate(above_index, n_low, n_window, n_high, n_inf, max_low_bits, min_high_bits, inf_bits,
                                nan_bits)
         # torch.quantile's answer for a row holding a NaN is NaN.
         has_nan = n_nan > 0
@@ -357,13 +361,15 @@ def _threshold_select_kernel(
         tl.store(sample_hist + NUM_BINS + bins, tl.zeros([NUM_BINS], dtype=tl.int64))
 
 
-def programs_per_sample(per_sample: int, batch: int, device: torch.device) -> int:
-    chunks = triton.cdiv(per_sample, PASS_BLOCK)
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 3  # the interpreter: a few programs, so the per-program loops and the atomics are exercised
-    return max(1, min(chunks, triton.cdiv(target, max(batch, 1)), 65535))
+@functools.lru_cache(maxsize=64)
+def _quantile_indices_on_host(n: int, ratio: float, math_fp64: bool) -> tuple[int, int, int]:
+    """(below, above, bit pattern of the weight) of torch.quantile over `n` elements, computed by torch's own
+    ops on the host (`fastddim.threshold.quantile_indices`): the select kernel only reads them, so no compiler
+    contraction can change the rank or the weight (fused, ratio * (n - 1) - floor(rank) loses the rounding of
+    the product)."""
+    dtype = torch.float64 if math_fp64 else torch.float32
+    below, above, weight = quantile_indices(max(n, 1), ratio, dtype)
+    return int(below), int(above), int(weight.view(torch.int64 if math_fp64 else torch.int32))
 
 
 def threshold_scale(model_output, sample, table, timestep_arg, timestep_ptr, timestep_mode, prediction_type,
@@ -389,7 +395,10 @@ def threshold_scale(model_output, sample, table, timestep_arg, timestep_ptr, tim
     extremes = buffer[hist_size + count_size:]
     state = torch.empty(batch, STATE_WIDTH, dtype=torch.int64, device=device)
     values = torch.empty(3, batch, dtype=math_dtype, device=device)
-    ratio_bits = float64_bits(ratio) if math_fp64 else int(torch.tensor(float(ratio)).view(torch.int32))
+    # Indices of the order statistics and the weight: on the host from the sample size when this process holds
+    # whole samples, else (sharded) on the device from the all-reduced counts, after the first pass.
+    ranks = state
+    below, above, weight_bits = _quantile_indices_on_host(per_sample, float(ratio), math_fp64)
 
     uncond = uncond_output if uncond_output is not None else sample
     sizes = _padded(sample.shape, 1)
@@ -401,7 +410,7 @@ def threshold_scale(model_output, sample, table, timestep_arg, timestep_ptr, tim
         sizes = (1,) * 5
 
     batch_stride = sample.stride(0) if sample.dim() and batch > 1 else per_sample
-    grid = (batch, programs_per_sample(per_sample, batch, device))
+    grid = (batch, programs_per_sample(per_sample, batch, device, PASS_BLOCK))
 
     def run_pass(first: bool, shift: int):
         _threshold_pass_kernel[grid](
@@ -413,13 +422,14 @@ def threshold_scale(model_output, sample, table, timestep_arg, timestep_ptr, tim
             lo, hi, shift,
             PREDICTION=PREDICTION_CODES[prediction_type], TIMESTEP_MODE=timestep_mode, GUIDANCE=guidance_mode,
             STRIDED=not shared_dense, INT64=int64, MATH_FP64=math_fp64, FIRST=first, HISTOGRAM=levels > 0,
-            NUM_BINS=NUM_BINS, BLOCK=PASS_BLOCK,
+            NUM_BINS=NUM_BINS, BLOCK=PASS_BLOCK, **LAUNCH_OPTIONS,
         )
 
     def run_select(first: bool, last: bool):
         _threshold_select_kernel[(batch,)](
-            hist, counts, extremes, state, values, batch, ratio_bits, lo,
-            MATH_FP64=math_fp64, FIRST=first, SELECT=levels > 0, LAST=last, NUM_BINS=NUM_BINS,
+            hist, counts, extremes, state, values, ranks, batch, below, above, weight_bits, lo,
+            MATH_FP64=math_fp64, FIRST=first, SELECT=levels > 0, LAST=last, RANKS_ON_DEVICE=reduce is not None,
+            NUM_BINS=NUM_BINS, **LAUNCH_OPTIONS,
         )
 
     # An empty shard of a sharded sample skips the passes but takes part in the collectives (and the selects,
@@ -430,6 +440,11 @@ def threshold_scale(model_output, sample, table, timestep_arg, timestep_ptr, tim
     if reduce is not None:
         reduce(buffer[:hist_size + count_size], "sum")
         reduce(extremes, "max")
+        if batch:
+            device_below, device_above, device_weight = quantile_indices(counts.view(batch, COUNT_WIDTH).sum(1),
+                                                                         float(ratio), math_dtype, device)
+            ranks = torch.stack([device_below, device_above])
+            values[2].copy_(device_weight)
     if batch:
         run_select(True, levels <= 1)
     for level in range(2, levels + 1):

@@ -114,41 +114,25 @@ def test_config_supports_attribute_and_mapping_access():
     assert fastddim.DDIMScheduler().config.prediction_type == "epsilon"
 
 
-MUTATIONS = {
-    "setattr": lambda c: setattr(c, "beta_end", 0.5),
-    "setattr-new": lambda c: setattr(c, "new_key", 1),
-    "setitem": lambda c: c.__setitem__("beta_end", 0.5),
+# Values may be set, as in diffusers (tests/test_dropin.py); keys cannot be removed. diffusers refuses the first
+# four (with a bare Exception) and lets the last three through; fastddim refuses all with a TypeError.
+REMOVALS = {
     "delitem": lambda c: c.__delitem__("beta_end"),
     "pop": lambda c: c.pop("beta_end"),
     "update": lambda c: c.update(beta_end=0.5),
     "setdefault": lambda c: c.setdefault("new_key", 1),
     "inplace-or": lambda c: c.__ior__({"beta_end": 0.5}),
-}
-
-
-@pytest.mark.parametrize("mutation", MUTATIONS.values(), ids=MUTATIONS.keys())
-def test_config_is_read_only(mutation):
-    config = fastddim.DDIMScheduler().config
-    before = dict(config)
-    with pytest.raises(TypeError, match="read-only"):
-        mutation(config)
-    assert dict(config) == before
-    assert config.beta_end == 0.02
-
-
-# diffusers' FrozenDict has the same holes; fastddim promises a read-only config, so these are gaps in it.
-LEAKY_MUTATIONS = {
     "clear": lambda c: c.clear(),
     "popitem": lambda c: c.popitem(),
     "delattr": lambda c: delattr(c, "beta_end"),
 }
 
 
-@pytest.mark.parametrize("mutation", LEAKY_MUTATIONS.values(), ids=LEAKY_MUTATIONS.keys())
-def test_config_cannot_be_emptied_or_lose_attributes(mutation):
+@pytest.mark.parametrize("mutation", REMOVALS.values(), ids=REMOVALS.keys())
+def test_config_keys_cannot_be_removed(mutation):
     config = fastddim.DDIMScheduler().config
     before = dict(config)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="cannot be removed"):
         mutation(config)
     assert dict(config) == before and config.beta_end == 0.02
 
@@ -347,7 +331,8 @@ def test_save_pretrained_writes_diffusers_file_format(tmp_path):
     # Same keys and values apart from which library (and version) wrote the file.
     assert public(written) == public(reference)
     assert written["_class_name"] == reference["_class_name"] == "DDIMScheduler"
-    assert written["_fastddim_version"] == fastddim.__version__
+    assert written["_diffusers_version"] == reference["_diffusers_version"] == diffusers.__version__
+    assert written.keys() == reference.keys()
 
 
 def test_numpy_trained_betas_are_saved_as_a_json_list(tmp_path):
@@ -506,7 +491,7 @@ def test_copies_keep_config_and_tables_and_step_identically(cls, copier, after_s
     assert duplicate.config == original.config  # private keys too
     assert isinstance(duplicate.config, FrozenDict)
     with pytest.raises(TypeError):
-        duplicate.config.beta_end = 1.0
+        del duplicate.config["beta_end"]
     assert torch.equal(duplicate.alphas_cumprod, original.alphas_cumprod)
     assert torch.equal(duplicate.betas, original.betas)
     assert duplicate.num_inference_steps == original.num_inference_steps
@@ -529,7 +514,7 @@ def test_config_alone_pickles_and_deep_copies():
         assert type(duplicate) is FrozenDict and duplicate == config
         assert duplicate.prediction_type == "sample"
         with pytest.raises(TypeError):
-            duplicate["prediction_type"] = "epsilon"
+            duplicate.pop("prediction_type")
 
 
 @pytest.mark.parametrize("ours_cls, theirs_cls", SCHEDULER_PAIRS)

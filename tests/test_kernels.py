@@ -767,3 +767,168 @@ def test_degenerate_rows_propagate_like_reference_and_truth(degenerate, predicti
     check_step(model_output, sample, coefficients, alphas, eta=eta, variance_noise=noise,
                prediction_type=prediction_type, clip_sample=clip_sample,
                use_clipped_model_output=use_clipped_model_output)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In-kernel Philox noise: per-sample streams, any layout and rank, the offsets moved on by the launch itself
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def philox_buffer(rows):
+    """A PhiloxGenerator-style buffer: (seed, offset) rows, then the zero ticket row."""
+    buffer = torch.zeros(len(rows) + 1, 2, dtype=torch.int64, device=DEVICE)
+    buffer[:-1] = torch.tensor(rows, dtype=torch.int64)
+    return buffer
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "every_other", "storage_offset"])
+def test_philox_noise_follows_the_logical_index_in_any_layout(layout):
+    """The strided path (any layout) and the dense path (contiguous) give every element the same noise: it is
+    indexed by the element's logical position within its sample, never by its memory offset."""
+    coefficients, _ = step_row("linear", 500)
+    model_output, sample, _ = step_inputs((3, 5, 7, 11), seed=31)
+    rows = [(5, 2), (-1, 0), (2**40, 7)]
+    dense, _ = ddim_step(model_output, sample, coefficients, eta=1.0, philox_state=philox_buffer(rows))
+    strided, _ = ddim_step(laid_out(model_output, layout), laid_out(sample, layout), coefficients, eta=1.0,
+                           philox_state=philox_buffer(rows))
+    assert torch.equal(dense, strided)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (3, 1000), (2, 3, 4, 5, 6), (2, 1, 1, 2, 3, 4)],
+                         ids=["0-d", "1", "7", "3x1000", "rank5", "rank6"])
+def test_philox_noise_matches_the_torch_path_at_every_rank(shape):
+    coefficients, _ = step_row("linear", 500)
+    model_output, sample, _ = step_inputs(shape, seed=32)
+    batch = shape[0] if shape else 1
+    for rows in ([(9, 3)], [(9 + b, 3 + b) for b in range(batch)]):
+        on_kernel, on_torch = philox_buffer(rows), philox_buffer(rows).cpu()
+        prev, _ = ddim_step(model_output, sample, coefficients, eta=1.0, philox_state=on_kernel)
+        expected, _ = reference.ddim_step(model_output.cpu(), sample.cpu(), coefficients.cpu(), eta=1.0,
+                                          philox_state=on_torch)
+        torch.testing.assert_close(prev.cpu(), expected, rtol=1e-5, atol=1e-5)
+        assert on_kernel.tolist() == on_torch.tolist() == [[s, o + 1] for s, o in rows] + [[0, 0]]
+
+
+@pytest.mark.parametrize("outputs", ["x0-only", "empty"])
+def test_philox_step_advances_once_whatever_it_writes(outputs):
+    """A step given a Philox state moves it on by one on both paths, also when it writes no prev_sample or has
+    no elements, so a stream's position counts steps."""
+    coefficients, _ = step_row("linear", 500)
+    shape = (2, 0, 4) if outputs == "empty" else (2, 3, 4)
+    model_output, sample, _ = step_inputs(shape, seed=33)
+    on_kernel, on_torch = philox_buffer([(1, 0), (2, 5)]), philox_buffer([(1, 0), (2, 5)]).cpu()
+    ddim_step(model_output, sample, coefficients, eta=1.0, philox_state=on_kernel,
+              write_prev_sample=outputs == "empty")
+    reference.ddim_step(model_output.cpu(), sample.cpu(), coefficients.cpu(), eta=1.0, philox_state=on_torch,
+                        write_prev_sample=outputs == "empty")
+    assert on_kernel.tolist() == on_torch.tolist() == [[1, 1], [2, 6], [0, 0]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-sample values once per program, guidance statistics at any size, launch options
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def full_table(schedule="linear"):
+    alphas_cumprod, boundary = diffusers_schedule(schedule, False)
+    return step_table(alphas_cumprod, NUM_INFERENCE_STEPS, boundary).to(DEVICE)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 11), (2, 3, 20, 20), (4, 1)], ids=["385-per-sample",
+                                                                                "1200-per-sample", "1-per-sample"])
+@pytest.mark.parametrize("layout", ["contiguous", "every_other", "int64"])
+@pytest.mark.parametrize("guidance_rescale", [0.0, 0.7], ids=["cfg", "cfg-rescaled"])
+def test_per_sample_timesteps_equal_each_sample_alone(shape, layout, guidance_rescale, launches, monkeypatch):
+    """One program per chunk of one sample (SAMPLE_PROGRAMS): samples whose size is no multiple of BLOCK, or
+    above it, strided and 64-bit; every sample's outputs equal that sample stepped alone with its timestep, bit
+    for bit, and the grid has batch x chunks-per-sample programs."""
+    if layout == "int64":
+        monkeypatch.setattr(ddim_module, "INT32_LIMIT", 16)
+    table = full_table()
+    batch = shape[0]
+    timesteps = [900, 500, 100, 0][:batch] + [500] * max(batch - 4, 0)
+    model_output, sample, noise = (laid_out(t, "every_other" if layout == "every_other" else "contiguous")
+                                   for t in step_inputs(shape, seed=31))
+    uncond = randn(shape, seed=35)
+    kwargs = dict(eta=0.6, variance_noise=noise, uncond_output=uncond, guidance_scale=4.0,
+                  guidance_rescale=guidance_rescale, use_clipped_model_output=True, clip_sample=True,
+                  clip_sample_range=CLIP_RANGE)
+    prev, x0 = ddim_step(model_output, sample, table, torch.tensor(timesteps, device=DEVICE), **kwargs)
+    per_sample = math.prod(shape[1:])
+    assert launches.launches[0]["SAMPLE_PROGRAMS"] is True
+    assert launches.launches[0]["grid"] == (batch * -(-per_sample // ddim_module.BLOCK_SIZE),)
+    assert launches.launches[0]["INT64"] is (layout == "int64")
+    for b, t in enumerate(timesteps):
+        alone = ddim_step(model_output[b:b + 1], sample[b:b + 1], table, t, eta=0.6, variance_noise=noise[b:b + 1],
+                          uncond_output=uncond[b:b + 1], guidance_scale=4.0, guidance_rescale=guidance_rescale,
+                          use_clipped_model_output=True, clip_sample=True, clip_sample_range=CLIP_RANGE)
+        for batched, single in ((prev, alone[0]), (x0, alone[1])):
+            # (one element per sample with rescaling: the std of one value is NaN, in both)
+            torch.testing.assert_close(batched[b:b + 1], single, rtol=0, atol=0, equal_nan=True, msg=f"sample {b}")
+
+
+def test_every_launch_disables_floating_point_contraction(monkeypatch):
+    """Exactness (the thresholds, the same x0 in every kernel) rests on LAUNCH_OPTIONS reaching every launch;
+    the compiled PTX without contraction is checked in test_kernels_compile.py."""
+    from fastddim.kernels import threshold as threshold_module
+
+    recorders = {}
+    for module, name in [(ddim_module, "_ddim_step_kernel"), (ddim_module, "_guidance_stats_kernel"),
+                         (threshold_module, "_threshold_pass_kernel"), (threshold_module, "_threshold_select_kernel")]:
+        recorders[name] = LaunchRecorder(getattr(module, name))
+        monkeypatch.setattr(module, name, recorders[name])
+    model_output, sample, noise = step_inputs((2, 3, 8, 8), seed=41)
+    ddim_step(model_output * 3, sample, full_table(), torch.tensor([900, 100], device=DEVICE), eta=1.0,
+              variance_noise=noise, uncond_output=randn((2, 3, 8, 8), seed=42), guidance_scale=5.0,
+              guidance_rescale=0.5, thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=3.0)
+    for name, recorder in recorders.items():
+        assert recorder.launches, f"{name} was not launched"
+        assert all(launch.get("enable_fp_fusion") is False for launch in recorder.launches), name
+
+
+def std_truth(cond, uncond, scale):
+    c = cond.to(torch.float64).reshape(cond.shape[0], -1)
+    cfg = uncond.to(torch.float64).reshape(c.shape) + scale * (c - uncond.to(torch.float64).reshape(c.shape))
+    return torch.stack([c.std(1), cfg.std(1)], dim=1)
+
+
+@pytest.mark.parametrize("shape", [(3, 5000), (2, 3, 7, 9), (1, 2, 3, 4, 5, 6)])
+def test_guidance_statistics_match_float64(shape):
+    """Several chunks per program (the programs loop over their sample's chunks), ranks 2 to 6."""
+    cond, uncond = randn(shape, seed=43), randn(shape, seed=44)
+    torch.testing.assert_close(ddim_module.guidance_std_ratio(cond, uncond, 6.5), std_truth(cond, uncond, 6.5),
+                               rtol=1e-12, atol=0)
+
+
+def test_guidance_statistics_offsets_past_int32():
+    """A (33, 2) view whose rows are 2**26 elements apart: batch * stride passes 2**31 (the 32-bit kernel read
+    outside the buffer and crashed). The 4 GiB buffer is touched only at the 132 elements used."""
+    try:
+        buffer = torch.empty(2**31 + 64, dtype=torch.float16, device=DEVICE)
+    except (RuntimeError, MemoryError):
+        pytest.skip("cannot reserve a 4 GiB buffer here")
+    cond, uncond = (buffer.as_strided((33, 2), (2**26, 1), offset) for offset in (0, 8))
+    cond.copy_(randn((33, 2), torch.float16, seed=45))
+    uncond.copy_(randn((33, 2), torch.float16, seed=46))
+    recorder = LaunchRecorder(ddim_module._guidance_stats_kernel)
+    try:
+        ddim_module._guidance_stats_kernel = recorder
+        got = ddim_module.guidance_std_ratio(cond, uncond, 3.0)
+    finally:
+        ddim_module._guidance_stats_kernel = recorder.kernel
+    assert recorder.launches[0]["INT64"] is True
+    torch.testing.assert_close(got, std_truth(cond, uncond, 3.0), rtol=1e-12, atol=0)
+    del cond, uncond, buffer
+
+
+@pytest.mark.parametrize("batch", [1, 70000])
+def test_guidance_statistics_grid_stays_within_cuda_limits(batch, monkeypatch):
+    """2**27 elements per sample (131072 chunks), or 70000 samples: no grid axis past CUDA's limits (65535 on
+    axes 1 and 2); meta tensors, nothing launched."""
+    recorder = LaunchRecorder(ddim_module._guidance_stats_kernel, launch=False)
+    monkeypatch.setattr(ddim_module, "_guidance_stats_kernel", recorder)
+    per_sample = 2**27 if batch == 1 else 3
+    cond = torch.empty(1, 1, device="meta").expand(batch, per_sample)
+    ddim_module.guidance_std_ratio(cond, cond, 2.0)
+    grid = recorder.launches[0]["grid"]
+    assert grid[0] <= 2**31 - 1 and all(axis <= 65535 for axis in grid[1:]), grid

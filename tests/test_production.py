@@ -2,7 +2,10 @@
 CUDA graphs. Truth: per-sample loops, diffusers' `rescale_noise_cfg` and float64 math, Random123's known-answer
 vectors for Philox4x32-10, and the normal distribution itself."""
 
+import contextlib
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from conftest import DEVICE, assert_same_nonfinite, truth_alphas, truth_step
 
 import fastddim
 from fastddim import ops, reference
-from fastddim.graphs import GraphedLoop, GraphedStep
+from fastddim.graphs import CudaGraphCapture, GraphedLoop, GraphedStep
 from fastddim.plan import StepOptions
 from fastddim.noise import PhiloxGenerator
 
@@ -174,34 +177,141 @@ def test_philox_known_answers(counter, key, expected):
 
 def test_philox_noise_is_standard_normal():
     scipy_stats = pytest.importorskip("scipy.stats")
-    noise = reference.philox_normal(torch.tensor([1234, 0]), 200_000).double()
+    noise = reference.philox_normal(torch.tensor([[1234, 0]]), (1, 200_000)).double()
     n = noise.numel()
     assert abs(noise.mean()) < 5 / math.sqrt(n)  # 5 standard errors
     assert abs(noise.var() - 1) < 5 * math.sqrt(2 / n)
-    assert scipy_stats.kstest(noise.numpy(), "norm").pvalue > 1e-3
+    assert scipy_stats.kstest(noise.flatten().numpy(), "norm").pvalue > 1e-3
 
 
-def test_philox_draws_are_independent_across_steps_and_seeds():
+def test_philox_draws_are_independent_across_steps_seeds_and_samples():
     n = 100_000
-    first = reference.philox_normal(torch.tensor([7, 0]), n).double()
-    for other in (reference.philox_normal(torch.tensor([7, 1]), n), reference.philox_normal(torch.tensor([8, 0]), n)):
-        correlation = torch.corrcoef(torch.stack([first, other.double()]))[0, 1]
+    first = reference.philox_normal(torch.tensor([[7, 0]]), (1, n)).double().flatten()
+    others = [reference.philox_normal(torch.tensor([[7, 1]]), (1, n)),  # the next step
+              reference.philox_normal(torch.tensor([[8, 0]]), (1, n)),  # another seed
+              reference.philox_normal(torch.tensor([[7, 0]]), (2, n))[1]]  # sample 1 of a one-row batch
+    for other in others:
+        correlation = torch.corrcoef(torch.stack([first, other.double().flatten()]))[0, 1]
         assert abs(correlation) < 5 / math.sqrt(n)
-    assert torch.equal(first, reference.philox_normal(torch.tensor([7, 0]), n).double())
+    assert torch.equal(first, reference.philox_normal(torch.tensor([[7, 0]]), (1, n)).double().flatten())
 
 
-def test_kernel_draws_the_reference_philox_stream():
-    # With eta = 1 at a step whose alpha_prev is 1, prev = std * noise + terms without noise: subtract a
-    # noiseless step to recover the kernel's noise and compare it with the torch path's draw.
+def test_philox_stream_of_a_one_sample_batch_is_the_flat_stream():
+    """Sample 0 with (seed, offset) draws element i from Philox(key=seed, counter=(i, 0, offset, 0)): the stream
+    of the two-launch design, checked against the Random123 transcription word by word."""
+    noise = reference.philox_normal(torch.tensor([[99, 5]]), (1, 3, 4))
+    index = torch.arange(12)
+    zero = torch.zeros(12, dtype=torch.int64)
+    r0, r1, _, _ = reference.philox4x32_10(index, zero, zero + 5, zero, torch.tensor(99), torch.tensor(0))
+    u1 = reference._uniform(r0).clamp(min=1e-7)
+    expected = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(torch.tensor(6.283185307179586, dtype=torch.float32)
+                                                             * reference._uniform(r1))
+    assert torch.equal(noise.flatten(), expected)
+
+
+PHILOX_SHAPES = {
+    "one-program": (3, 4, 5, 6),  # 360 elements
+    "samples-straddle-programs": (3, 5, 7, 11),  # 385 per sample, 1155 in all: 2 programs of 1024
+    "many-programs": (2, 4, 24, 24),  # 2304 per sample: 5 programs
+}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("rows", ["one-row", "per-sample"])
+@pytest.mark.parametrize("shape", list(PHILOX_SHAPES))
+def test_kernel_draws_the_reference_philox_stream_and_advances_it(shape, rows, layout):
+    # With eta = 1, prev = noiseless terms + std * noise: the kernel's and the torch path's draws are compared
+    # through the step (float32 rounding of log/cos apart), and both must move every offset on by one.
+    shape = PHILOX_SHAPES[shape]
     scheduler = make_scheduler()
     table = scheduler._table_on(torch.device(DEVICE))
-    model_output, sample = randn(*SHAPE, seed=15), randn(*SHAPE, seed=16)
-    state = torch.tensor([99, 5], device=DEVICE)
-    noisy, _ = ops.ddim_step(model_output, sample, table, 501, eta=1.0, philox_state=state, backend="triton")
-    torch_noisy, _ = ops.ddim_step(model_output, sample, scheduler._table, 501, eta=1.0,
-                                   philox_state=state.cpu(), backend="torch")
-    torch.testing.assert_close(noisy.cpu(), torch_noisy, rtol=1e-5, atol=1e-5)
-    assert state.tolist() == [99, 5]  # the op itself does not advance the stream
+    model_output, sample = randn(*shape, seed=15), randn(*shape, seed=16)
+    if layout == "channels_last":
+        model_output = model_output.contiguous(memory_format=torch.channels_last)
+        sample = sample.contiguous(memory_format=torch.channels_last)
+
+    def generator(device):
+        if rows == "one-row":
+            return PhiloxGenerator(99, device=device)
+        return PhiloxGenerator(seeds=[99 + 7 * b for b in range(shape[0])], device=device)
+
+    on_kernel, on_torch = generator(DEVICE), generator("cpu")
+    on_kernel.state[:, 1] = on_torch.state[:, 1] = 5
+    for draw in range(2):
+        noisy, _ = ops.ddim_step(model_output, sample, table, 501, eta=1.0, philox_state=on_kernel.buffer,
+                                 backend="triton")
+        torch_noisy, _ = ops.ddim_step(model_output.cpu(), sample.cpu(), scheduler._table, 501, eta=1.0,
+                                       philox_state=on_torch.buffer, backend="torch")
+        torch.testing.assert_close(noisy.cpu(), torch_noisy, rtol=1e-5, atol=1e-5)
+        assert on_kernel.buffer.tolist() == on_torch.buffer.tolist()
+        assert on_kernel.state[:, 1].tolist() == [6 + draw] * on_kernel.state.shape[0]
+        assert on_kernel.buffer[-1].tolist() == [0, 0]  # the ticket is back to zero for the next launch
+
+
+@pytest.mark.parametrize("timesteps", ["shared", "per-sample"])
+def test_philox_sample_in_a_batch_equals_the_sample_alone(backend, timesteps):
+    """Continuous batching: each request's noise comes from its own (seed, offset), so stepping it inside any
+    batch gives bit for bit what stepping it alone gives, step after step (issue: up to 2.85 apart before)."""
+    scheduler = make_scheduler(prediction_type="v_prediction")
+    seeds = [11, 2**40 + 3, -5]
+    batched = PhiloxGenerator(seeds=seeds, device=DEVICE)
+    alone = [PhiloxGenerator(seed, device=DEVICE) for seed in seeds]
+    sample = randn(3, 4, 9, 9, seed=40)  # 324 per sample: sample 2 straddles the kernel's first two programs
+    samples_alone = [sample[i:i + 1] for i in range(3)]
+    for t in ([901, 801, 701], [801, 701, 601]):
+        t_batch = torch.tensor(t if timesteps == "per-sample" else t[:1] * 3, device=DEVICE)
+        sample = scheduler.step(torch.sin(3 * sample), t_batch, sample, eta=1.0, generator=batched).prev_sample
+        for i in range(3):
+            x = samples_alone[i]
+            t_alone = torch.tensor([int(t_batch[i])], device=DEVICE)
+            samples_alone[i] = scheduler.step(torch.sin(3 * x), t_alone, x, eta=1.0, generator=alone[i]).prev_sample
+        for i in range(3):
+            assert torch.equal(sample[i:i + 1], samples_alone[i]), f"sample {i} at timesteps {t}"
+    assert batched.state.tolist() == [[seed, 2] for seed in seeds]
+
+
+def test_one_row_generator_steps_a_batch_as_consecutive_seeds(backend):
+    scheduler = make_scheduler()
+    model_output, sample = randn(*SHAPE, seed=41), randn(*SHAPE, seed=42)
+    one_row = PhiloxGenerator(seed=1000, device=DEVICE)
+    per_sample = PhiloxGenerator(seeds=[1000, 1001, 1002], device=DEVICE)
+    for _ in range(2):
+        a = scheduler.step(model_output, 501, sample, eta=1.0, generator=one_row).prev_sample
+        b = scheduler.step(model_output, 501, sample, eta=1.0, generator=per_sample).prev_sample
+        assert torch.equal(a, b)
+    assert one_row.state.tolist() == [[1000, 2]]
+    alone = scheduler.step(model_output[1:2], 501, sample[1:2], eta=1.0,
+                           generator=PhiloxGenerator(1001, device=DEVICE)).prev_sample
+    first = scheduler.step(model_output, 501, sample, eta=1.0, generator=PhiloxGenerator(1000, device=DEVICE))
+    assert torch.equal(first.prev_sample[1:2], alone)
+
+
+def test_philox_step_is_one_kernel_launch_and_no_other_device_op(backend):
+    """The offsets move on inside the step's own launch (the last program to finish does it): no second launch
+    and no torch op touches the generator's state."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    scheduler = make_scheduler()
+    generator = PhiloxGenerator(seeds=[1, 2, 3], device=DEVICE)
+    model_output, sample = randn(*SHAPE, seed=43), randn(*SHAPE, seed=44)
+    touched = []
+
+    class StateWatch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            flat = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+            if not launches.running and any(
+                isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == storage for t in flat
+            ):
+                touched.append(func)
+            return func(*args, **(kwargs or {}))
+
+    storage = generator.buffer.untyped_storage().data_ptr()
+    with KernelLaunches() as launches, StateWatch():
+        scheduler.step(model_output, 501, sample, eta=1.0, generator=generator)
+    if backend == "triton":
+        assert [launch.kernel for launch in launches] == ["_ddim_step_kernel"]
+        assert touched == []
+    assert generator.state.tolist() == [[1, 1], [2, 1], [3, 1]]
 
 
 def test_step_with_philox_generator_is_reproducible_and_fresh_per_step(backend):
@@ -210,23 +320,50 @@ def test_step_with_philox_generator_is_reproducible_and_fresh_per_step(backend):
     generator = PhiloxGenerator(seed=3, device=DEVICE)
     first = scheduler.step(model_output, 501, sample, eta=1.0, generator=generator).prev_sample
     second = scheduler.step(model_output, 501, sample, eta=1.0, generator=generator).prev_sample
-    assert generator.state.tolist() == [3, 2]
+    assert generator.state.tolist() == [[3, 2]]
     assert not torch.equal(first, second)
     generator.manual_seed(3)
     again = scheduler.step(model_output, 501, sample, eta=1.0, generator=generator).prev_sample
     torch.testing.assert_close(again, first, rtol=0, atol=0)
     # eta = 0 draws nothing and leaves the stream where it was.
     scheduler.step(model_output, 501, sample, eta=0.0, generator=generator)
-    assert generator.state.tolist() == [3, 1]
+    assert generator.state.tolist() == [[3, 1]]
+
+
+def test_philox_generator_stack_split_and_manual_seed():
+    a, b = PhiloxGenerator(5), PhiloxGenerator(seeds=[6, 7])
+    a.advance()
+    stacked = PhiloxGenerator.stack([a, b])
+    assert stacked.state.tolist() == [[5, 1], [6, 0], [7, 0]] and stacked.buffer[-1].tolist() == [0, 0]
+    stacked.advance()
+    assert a.state.tolist() == [[5, 1]]  # stacking copies
+    assert [g.state.tolist() for g in stacked.split()] == [[[5, 2]], [[6, 1]], [[7, 1]]]
+    assert stacked.manual_seed(10).state.tolist() == [[10, 0], [11, 0], [12, 0]]
+    assert stacked.manual_seed([3, 2, 1]).state.tolist() == [[3, 0], [2, 0], [1, 0]]
+    state = stacked.state
+    stacked.manual_seed(0)
+    assert stacked.state is state  # in place: captured graphs keep reading it
 
 
 def test_philox_generator_arguments():
     with pytest.raises(TypeError, match="seed"):
         PhiloxGenerator(seed=1.5)
+    with pytest.raises(ValueError, match="seed"):
+        PhiloxGenerator(seed=2**63)
+    with pytest.raises(TypeError, match="seeds"):
+        PhiloxGenerator(seeds=[])
+    with pytest.raises(ValueError, match="seed or seeds"):
+        PhiloxGenerator(1, seeds=[1, 2])
+    with pytest.raises(ValueError, match="2 seeds for a generator of 3 rows"):
+        PhiloxGenerator(seeds=[1, 2, 3]).manual_seed([1, 2])
     scheduler = make_scheduler()
     with pytest.raises(ValueError, match="generator"):
         scheduler.step(randn(*SHAPE), 501, randn(*SHAPE), eta=1.0, generator=PhiloxGenerator(0),
                        variance_noise=randn(*SHAPE))
+    with pytest.raises(ValueError, match="generator holds 2 .* a batch of 3 samples takes 1 or 3"):
+        scheduler.step(randn(*SHAPE), 501, randn(*SHAPE), eta=1.0, generator=PhiloxGenerator(seeds=[1, 2]))
+    with pytest.raises(ValueError, match="philox_state"):
+        ops.ddim_step(randn(*SHAPE), randn(*SHAPE), scheduler._table, 501, eta=1.0, philox_state=torch.tensor([1, 0]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -260,7 +397,7 @@ def test_compiled_loop_has_one_graph_and_no_recompiles(backend, dynamo_counters,
                                       generator=eager_generator).prev_sample
     assert dynamo_counters["stats"]["unique_graphs"] == 1
     assert not dynamo_counters["graph_break"]
-    assert generator.state.tolist() == eager_generator.state.tolist() == [11, 10]
+    assert generator.state.tolist() == eager_generator.state.tolist() == [[11, 10]]
     # Eager steps read host timesteps, compiled ones gather on the device: float32 rounding apart, amplified
     # by 10 steps of a chaotic toy model.
     torch.testing.assert_close(sample, eager_sample, rtol=1e-4, atol=1e-4)
@@ -287,16 +424,148 @@ def test_custom_op_passes_torch_library_opcheck():
     table = scheduler._table_on(torch.device(DEVICE))
     options = StepOptions(eta=0.5, clip_sample=True).op_arguments()
     args = (randn(*SHAPE, seed=23), randn(*SHAPE, seed=24), table, torch.tensor(501, device=DEVICE), 0, None,
-            torch.tensor([1, 0], device=DEVICE), None, *options)
-    torch.library.opcheck(torch.ops.fastddim.ddim_step.default, args)
+            PhiloxGenerator(seeds=[1, 2, 3], device=DEVICE).buffer, None, *options)
+    torch.library.opcheck(torch.ops.fastddim.ddim_step_philox.default, args)
     channels_last = (args[0].contiguous(memory_format=torch.channels_last),
                      args[1].contiguous(memory_format=torch.channels_last)) + args[2:]
-    torch.library.opcheck(torch.ops.fastddim.ddim_step.default, channels_last)
+    torch.library.opcheck(torch.ops.fastddim.ddim_step_philox.default, channels_last)
+    noise = randn(*SHAPE, seed=25)
+    functional = args[:5] + (noise, None) + args[7:]
+    torch.library.opcheck(torch.ops.fastddim.ddim_step.default, functional)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# CUDA graphs (capture needs a GPU; on the CPU the helpers run eagerly and must give the eager results)
+# CUDA graphs. Capture needs a GPU; on the CPU the helpers run eagerly, and a stand-in capture (below) runs their
+# warm-up and capture code, records every Triton launch, and replays a "graph" as a CUDA graph does: the same
+# kernels with the same arguments (raw buffers), nothing re-evaluated in Python.
 # ----------------------------------------------------------------------------------------------------------
+class Launch:
+    """One Triton kernel launch: the kernel, grid and arguments, tensors held weakly (a graph holds raw
+    pointers, not references), and the variant key the JIT compiles per: constexprs, dtypes, integer kinds."""
+
+    def __init__(self, kernel, grid, args, kwargs):
+        self.function = kernel
+        self.kernel = kernel.__name__
+        self.grid, self.kwargs = grid, kwargs
+        names = list(kernel.arg_names)
+        unspecialized = set(getattr(kernel, "do_not_specialize", None) or
+                            getattr(kernel, "kwargs", {}).get("do_not_specialize", ()))
+        self.args, key = [], []
+        for name, value in zip(names, args):
+            if isinstance(value, torch.Tensor):
+                owner = value._base if value._base is not None else value
+                self.args.append((name, weakref.ref(owner), value.storage_offset(), value.shape, value.stride()))
+                key.append((name, str(value.dtype), value.data_ptr() % 16 == 0))
+            else:
+                self.args.append((name, None, value, None, None))
+                if isinstance(value, bool) or not isinstance(value, int):
+                    key.append((name, type(value).__name__))
+                else:
+                    width = "i32" if -2**31 <= value < 2**31 else "i64"
+                    key.append((name, width) if name in unspecialized else (name, width, value == 1, value % 16 == 0))
+        self.variant = (self.kernel, tuple(sorted(kwargs.items())), tuple(key))
+
+    def tensors(self, owned_by_graph):
+        """The arguments again; a tensor argument must still be alive unless the graph's pool owns it."""
+        values = []
+        for name, ref, offset, shape, stride in self.args:
+            if ref is None:
+                values.append(offset)
+                continue
+            owner = ref()
+            if owner is None:
+                raise AssertionError(f"the graph reads freed memory: argument {name} of {self.kernel}")
+            values.append(owner.as_strided(shape, stride, offset))
+        return values
+
+    def buffers(self):
+        return [(name, ref) for name, ref, *_ in self.args if ref is not None]
+
+
+class KernelLaunches(list):
+    """Records every Triton kernel launch while active (by wrapping the kernels' `run`, which `kernel[grid](...)`
+    calls); with `launch=False` the kernels are not run, as during a real capture."""
+
+    def __init__(self, launch=True):
+        super().__init__()
+        self.launch = launch
+        self.running = False  # inside a launch (the interpreter copies the arguments in and out)
+
+    def __enter__(self):
+        from fastddim.kernels import ddim
+
+        self.kernel_type = type(ddim._ddim_step_kernel)
+        original = self.original = self.kernel_type.run
+        recorder = self
+
+        def run(kernel, *args, grid, warmup, **kwargs):
+            recorder.append(Launch(kernel, grid, args, kwargs))
+            if not recorder.launch:
+                return None
+            recorder.running = True
+            try:
+                return original(kernel, *args, grid=grid, warmup=warmup, **kwargs)
+            finally:
+                recorder.running = False
+
+        self.kernel_type.run = run
+        return self
+
+    def __exit__(self, *exc):
+        self.kernel_type.run = self.original
+
+
+class RecordedGraph:
+    """A captured graph's stand-in: replay launches the recorded kernels with the recorded arguments. Tensors
+    created while capturing belong to the graph (a real graph's private memory pool keeps them)."""
+
+    def __init__(self):
+        self.launches, self.pool = [], []
+
+    def replay(self):
+        for launch in self.launches:
+            launch.function.run(*launch.tensors(self.pool), grid=launch.grid, warmup=False, **launch.kwargs)
+
+
+class RecordingCapture(CudaGraphCapture):
+    """Runs GraphedStep/GraphedLoop's warm-up and capture on the CPU, recording the kernels each phase launches."""
+
+    def __init__(self):
+        self.warmup_launches, self.graphs = [], []
+
+    def supports(self, device):
+        return True
+
+    @contextlib.contextmanager
+    def warmup(self, device):
+        with KernelLaunches() as launches:
+            yield
+        self.warmup_launches.extend(launches)
+
+    def new_graph(self):
+        graph = RecordedGraph()
+        self.graphs.append(graph)
+        return graph
+
+    @contextlib.contextmanager
+    def capture(self, graph):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Pool(TorchDispatchMode):  # what the graph's private memory pool would hold
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                graph.pool.extend(t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+                return out
+
+        with KernelLaunches(launch=False) as launches, Pool():
+            yield
+        graph.launches.extend(launches)
+
+    def variants(self):
+        captured = {launch.variant for graph in self.graphs for launch in graph.launches}
+        return {launch.variant for launch in self.warmup_launches}, captured
+
+
 def toy_model(sample, timestep):
     return torch.tanh(sample) * (timestep.to(sample.dtype) / 1000)
 
@@ -337,6 +606,110 @@ def test_graphed_helpers_need_a_device_generator_for_noise():
         GraphedStep(scheduler, randn(*SHAPE), eta=0.5, generator=torch.Generator())
     with pytest.raises(ValueError, match="set_timesteps"):
         GraphedLoop(toy_model, fastddim.DDIMScheduler(), randn(*SHAPE))
+    with pytest.raises(ValueError, match="warmup"):
+        GraphedStep(scheduler, randn(*SHAPE), warmup=0)
+
+
+GRAPH_CASES = {
+    "step": dict(),
+    "step-eta1-philox-per-sample-timesteps": dict(eta=1.0, rows=3, per_sample_timesteps=True),
+    "step-v-clip-use-clipped": dict(config=dict(prediction_type="v_prediction"), use_clipped_model_output=True),
+    "step-thresholded": dict(config=dict(thresholding=True, sample_max_value=1.5)),
+    "step-no-x0": dict(write_x0=False),
+    "loop-eta1-philox": dict(loop=True, eta=1.0, rows=1),
+    "loop-thresholded-eta0.5": dict(loop=True, eta=0.5, rows=3, config=dict(thresholding=True)),
+}
+
+
+def build_graphed(case, capture, sample):
+    options = dict(GRAPH_CASES[case])
+    scheduler = make_scheduler(**options.pop("config", {}))
+    scheduler.write_pred_original_sample = options.pop("write_x0", True)
+    rows = options.pop("rows", None)
+    generator = None
+    if rows is not None:
+        generator = PhiloxGenerator(seeds=[21 + b for b in range(rows)], device=DEVICE)
+    if options.pop("loop", False):
+        return GraphedLoop(toy_model, scheduler, sample, generator=generator, capture=capture, **options)
+    return GraphedStep(scheduler, sample, generator=generator, capture=capture, **options)
+
+
+@pytest.mark.parametrize("case", list(GRAPH_CASES))
+def test_capture_launches_only_kernel_variants_warmup_launched(case, monkeypatch):
+    """Loading a kernel module while a stream captures is forbidden, so every variant (kernel, constexprs, dtypes,
+    integer kinds) a capture launches must have been launched by the warm-up already (issue: warm-up ran with the
+    lazy x0, capture without)."""
+    monkeypatch.setenv("FASTDDIM_BACKEND", "triton")
+    capture = RecordingCapture()
+    build_graphed(case, capture, randn(3, 4, 8, 8, seed=27))
+    warmed, captured = capture.variants()
+    assert captured and captured <= warmed, captured - warmed
+
+
+def test_graph_owns_every_buffer_it_reads_after_set_timesteps(monkeypatch):
+    """A replay after `set_timesteps` (which replaces the step table, as pipelines call it every run) and after
+    every other reference is gone reads live buffers and gives the eager results bit for bit, noise included."""
+    monkeypatch.setenv("FASTDDIM_BACKEND", "triton")
+    scheduler = make_scheduler()
+    capture = RecordingCapture()
+    graphed = GraphedStep(scheduler, randn(3, 4, 8, 8), eta=1.0, per_sample_timesteps=True, capture=capture,
+                          generator=PhiloxGenerator(seeds=[4, 5, 6], device=DEVICE))
+    scheduler.set_timesteps(10)
+    gc.collect()
+    eager_scheduler, eager_generator = make_scheduler(), PhiloxGenerator(seeds=[4, 5, 6], device=DEVICE)
+    sample = randn(3, 4, 8, 8, seed=28)
+    for t in ([901, 501, 1], [801, 401, 1]):
+        timesteps = torch.tensor(t, device=DEVICE)
+        model_output = toy_model(sample, timesteps[:, None, None, None])
+        expected = eager_scheduler.step(model_output, timesteps, sample, eta=1.0, generator=eager_generator)
+        got = graphed(model_output, timesteps, sample)
+        assert torch.equal(got.prev_sample, expected.prev_sample)
+        assert torch.equal(got.pred_original_sample, expected.pred_original_sample)
+        sample = expected.prev_sample
+    # Everything the captured launches read outside the graph's own pool is alive (the helper holds it).
+    pool = {t.untyped_storage().data_ptr() for t in capture.graphs[0].pool}
+    outside = [(name, ref) for launch in capture.graphs[0].launches for name, ref in launch.buffers()
+               if ref().untyped_storage().data_ptr() not in pool]
+    assert {name for name, _ in outside} >= {"table_ptr", "timestep_ptr", "rng_ptr", "model_output_ptr"}
+    scheduler.set_timesteps(20)
+    with pytest.raises(ValueError, match="set to 20 steps after this graph was captured with 10"):
+        graphed(model_output, timesteps, sample)
+
+
+def test_graphed_loop_owns_its_buffers(monkeypatch):
+    monkeypatch.setenv("FASTDDIM_BACKEND", "triton")
+    scheduler = make_scheduler()
+    capture = RecordingCapture()
+    loop = GraphedLoop(toy_model, scheduler, randn(2, 4, 8, 8), eta=1.0, capture=capture,
+                       generator=PhiloxGenerator(7, device=DEVICE))
+    scheduler.set_timesteps(10)
+    gc.collect()
+    graph = capture.graphs[0]
+    assert len(graph.launches) == 10
+    for launch in graph.launches:
+        launch.tensors(graph.pool)  # raises if a buffer read by the graph was freed
+    assert loop.owned.table is not scheduler._table_on(torch.device(DEVICE))  # set_timesteps made a new one
+
+
+def test_batched_requests_under_graph_capture_equal_each_request_alone(monkeypatch):
+    """Continuous batching through a captured step: per-sample timesteps and per-request generator rows give
+    each request, bit for bit, what it gets stepped alone and eagerly."""
+    monkeypatch.setenv("FASTDDIM_BACKEND", "triton")
+    scheduler = make_scheduler()
+    requests = [PhiloxGenerator(seed, device=DEVICE) for seed in (31, 32, 33)]
+    batch_generator = PhiloxGenerator.stack(requests)
+    graphed = GraphedStep(scheduler, randn(3, 4, 8, 8), eta=0.7, generator=batch_generator,
+                          per_sample_timesteps=True, capture=RecordingCapture())
+    sample = randn(3, 4, 8, 8, seed=29)
+    alone = [sample[i:i + 1] for i in range(3)]
+    for t in ([901, 601, 301], [801, 501, 201]):
+        timesteps = torch.tensor(t, device=DEVICE)
+        sample = graphed(torch.sin(3 * sample), timesteps, sample).prev_sample.clone()
+        for i in range(3):
+            alone[i] = scheduler.step(torch.sin(3 * alone[i]), t[i], alone[i], eta=0.7,
+                                      generator=requests[i]).prev_sample
+    for i in range(3):
+        assert torch.equal(sample[i:i + 1], alone[i])
 
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -366,6 +739,7 @@ def test_captured_step_is_one_graph_replayed_for_all_timesteps():
     scheduler.set_timesteps(50, device="cuda")
     sample = torch.randn(2, 4, 32, 32, device="cuda", dtype=torch.float16)
     graphed = GraphedStep(scheduler, sample)
+    scheduler.set_timesteps(50, device="cuda")  # a new device table; the graph keeps reading its own
     eager = sample
     for t in scheduler.timesteps:
         model_output = toy_model(eager, t)
@@ -373,41 +747,3 @@ def test_captured_step_is_one_graph_replayed_for_all_timesteps():
         assert_same_nonfinite(graphed(model_output, t, eager).prev_sample, expected)
         torch.testing.assert_close(graphed.output.prev_sample, expected, rtol=0, atol=0)
         eager = expected
-
-
-# ----------------------------------------------------------------------------------------------------------
-# pred_original_sample computed on first read (Triton backend)
-# ----------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
-def test_lazy_pred_original_sample_equals_the_eager_one(prediction_type):
-    scheduler = make_scheduler(prediction_type=prediction_type)
-    model_output, sample, noise = randn(*SHAPE, seed=30), randn(*SHAPE, seed=31), randn(*SHAPE, seed=32)
-    lazy = scheduler.step(model_output, 501, sample, eta=0.5, variance_noise=noise)
-    scheduler.lazy_pred_original_sample = False
-    eager = scheduler.step(model_output, 501, sample, eta=0.5, variance_noise=noise)
-    torch.testing.assert_close(lazy.prev_sample, eager.prev_sample, rtol=0, atol=0)
-    torch.testing.assert_close(lazy.pred_original_sample, eager.pred_original_sample, rtol=0, atol=0)
-    assert lazy.pred_original_sample is lazy.pred_original_sample  # computed once
-    prev, x0 = lazy
-    assert x0 is lazy.pred_original_sample and lazy["prev_sample"] is prev and len(lazy) == 2
-
-
-def test_lazy_pred_original_sample_refuses_inputs_modified_in_place(backend):
-    scheduler = make_scheduler()
-    model_output, sample = randn(*SHAPE, seed=33), randn(*SHAPE, seed=34)
-    out = scheduler.step(model_output, 501, sample)
-    model_output.mul_(2)
-    if backend == "triton":
-        with pytest.raises(RuntimeError, match="model_output was modified in place"):
-            out.pred_original_sample
-    else:  # the torch path computes x0 with the step: nothing to recompute
-        assert torch.isfinite(out.pred_original_sample).all()
-
-
-def test_guided_lazy_pred_original_sample_uses_the_guidance():
-    scheduler = make_scheduler()
-    uncond, cond, sample = randn(*SHAPE, seed=35), randn(*SHAPE, seed=36), randn(*SHAPE, seed=37)
-    lazy = scheduler.guided_step(uncond, cond, 301, sample, 4.0, 0.5)
-    scheduler.lazy_pred_original_sample = False
-    eager = scheduler.guided_step(uncond, cond, 301, sample, 4.0, 0.5)
-    torch.testing.assert_close(lazy.pred_original_sample, eager.pred_original_sample, rtol=0, atol=0)

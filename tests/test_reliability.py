@@ -144,16 +144,17 @@ def test_fuzz_step_against_float64_truth_and_diffusers(backend, config, inputs, 
         error = (got.cpu().double() - truth).abs().max().item()
         assert error <= error_bound(truth, sample.cpu(), model_output.cpu(), divisor, dtype, output_rounding)
 
-    if dtype in (torch.float32, torch.float64):  # diffusers rounds every intermediate: compare where that is small
+    # diffusers rounds every intermediate: compare where that is small. At eta > 0 its float32 radicand
+    # 1 - alpha_prev - std^2 carries an absolute error of about 1e-7, which its square root magnifies beyond the bound
+    # where the exact radicand is tiny (zero terminal SNR, or a tiny alpha_t, at eta = 1), and can turn negative
+    # (NaN) there, depending on the CPU: no comparison there (fastddim's result was checked against the truth above).
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    well_conditioned = eta == 0 or 1 - alpha_prev - eta * eta * variance > 1e-2
+    if dtype in (torch.float32, torch.float64) and well_conditioned:
         reference = theirs.step(model_output.cpu(), t, sample.cpu(), eta=eta, use_clipped_model_output=use_clipped,
                                 variance_noise=None if noise is None else noise.cpu())
         bound = 4 * error_bound(truth_prev, sample.cpu(), model_output.cpu(), divisor, torch.float32)
-        if reference.prev_sample.isnan().any() and not truth_prev.isnan().any():
-            # diffusers' float32 rounding makes sqrt(1 - alpha_prev - std^2) NaN where it is exactly 0
-            # (zero terminal SNR at eta = 1): fastddim returns the true value there (README).
-            assert alpha_t == 0.0
-        else:
-            assert (out.prev_sample.cpu() - reference.prev_sample).abs().max().item() <= bound
+        assert (out.prev_sample.cpu() - reference.prev_sample).abs().max().item() <= bound
 
 
 @given(inputs=step_inputs(), num_inference_steps=st.integers(1, 30), prediction_type=st.sampled_from(
@@ -215,7 +216,9 @@ def test_fuzz_add_noise_and_get_velocity(shape, timestep, dtype, per_sample):
     (dict(steps_offset=-1), ValueError, "steps_offset"),
     (dict(dynamic_thresholding_ratio=0.0), ValueError, "dynamic_thresholding_ratio"),
     (dict(dynamic_thresholding_ratio=1.5), ValueError, "dynamic_thresholding_ratio"),
-    (dict(sample_max_value=0.5), ValueError, "sample_max_value"),
+    (dict(sample_max_value=0.0), ValueError, "sample_max_value"),  # below 1 but > 0 is valid, as in diffusers
+    (dict(sample_max_value=-1.0), ValueError, "sample_max_value"),
+    (dict(sample_max_value=float("inf")), ValueError, "sample_max_value"),
     (dict(beta_schedule="cosine"), ValueError, "beta_schedule"),
     (dict(prediction_type="x0"), ValueError, "prediction_type"),
     (dict(timestep_spacing="even"), ValueError, "timestep_spacing"),
@@ -272,14 +275,15 @@ def test_step_allocates_only_its_outputs(backend, prediction_type, clip_sample):
     model_output, sample, noise = (torch.randn(2, 4, 16, 16, device=DEVICE) for _ in range(3))
     scheduler.step(model_output, 501, sample)  # warm caches (device tables, compiled kernels)
     with AllocationLog() as log:
-        out = scheduler.step(model_output, 501, sample, eta=0.5, variance_noise=noise)
+        scheduler.step(model_output, 501, sample, eta=0.5, variance_noise=noise)
     one_tensor = sample.untyped_storage().nbytes()
     if backend == "triton":
-        # The kernel writes prev_sample only; pred_original_sample is one more tensor, made when first read.
-        assert log.bytes == one_tensor
-        with AllocationLog() as read_log:
-            out.pred_original_sample
-        assert read_log.bytes == one_tensor
+        # The kernel writes the two outputs and nothing else; without pred_original_sample, only prev_sample.
+        assert log.bytes == 2 * one_tensor
+        scheduler.write_pred_original_sample = False
+        with AllocationLog() as log_without_x0:
+            scheduler.step(model_output, 501, sample, eta=0.5, variance_noise=noise)
+        assert log_without_x0.bytes == one_tensor
     else:  # plain torch needs one work tensor for the epsilon of "sample" / "v_prediction"
         outputs = 2 * one_tensor
         assert outputs <= log.bytes <= outputs + (one_tensor if prediction_type != "epsilon" else 0)

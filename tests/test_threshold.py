@@ -323,29 +323,64 @@ def test_kernel_threshold_layouts_and_modes(layout):
         assert_identical(got, expected, f"{layout} ratio={ratio} max={max_value}")
 
 
-def run_select(counts, extremes, ratio, dtype):
+def run_select(counts, extremes, ratio, dtype, on_device=False):
     """The first select kernel alone, on given per-sample counts (no histogram: the order statistics lie outside
-    the window): returns (lower, upper, weight) as it hands them to torch.lerp."""
+    the window), with the indices and weight as the launcher passes them (host arguments, or on the device as
+    for a sharded sample): returns (lower, upper, weight) as it hands them to torch.lerp."""
     from fastddim.kernels import threshold as kt
 
     batch = counts.shape[0]
     hist = torch.zeros(batch * 2 * kt.NUM_BINS, dtype=torch.int64, device=DEVICE)
     state = torch.empty(batch, kt.STATE_WIDTH, dtype=torch.int64, device=DEVICE)
     values = torch.empty(3, batch, dtype=dtype, device=DEVICE)
-    ratio_bits = (int(torch.tensor(ratio, dtype=torch.float64).view(torch.int64)) if dtype == torch.float64
-                  else int(torch.tensor(ratio).view(torch.int32)))
     lo = int(torch.tensor(1.0, dtype=dtype).view(torch.int64 if dtype == torch.float64 else torch.int32))
+    n = int(counts[0].sum())
+    below, above, weight_bits = kt._quantile_indices_on_host(n, ratio, dtype == torch.float64)
+    ranks = state
+    if on_device:
+        device_below, device_above, weight = th.quantile_indices(counts.sum(1).to(DEVICE), ratio, dtype, DEVICE)
+        ranks = torch.stack([device_below, device_above])
+        values[2].copy_(weight)
     kt._threshold_select_kernel[(batch,)](hist, counts.to(DEVICE).flatten(), extremes.to(DEVICE).flatten(), state,
-                                          values, batch, ratio_bits, lo, MATH_FP64=dtype == torch.float64,
-                                          FIRST=True, SELECT=False, LAST=True, NUM_BINS=kt.NUM_BINS)
+                                          values, ranks, batch, below, above, weight_bits, lo,
+                                          MATH_FP64=dtype == torch.float64, FIRST=True, SELECT=False, LAST=True,
+                                          RANKS_ON_DEVICE=on_device, NUM_BINS=kt.NUM_BINS)
     return values
+
+
+@pytest.mark.parametrize("n", [4 * 64 * 64, 2**24, 2**24 + 4])
+def test_select_indices_match_torch_quantile_at_adversarial_sizes(n):
+    """The indices and weight the select kernel reads (computed on the host by torch's ops) against an
+    independent float32 computation (numpy) and, within its limit, torch.quantile of 0, 1, ..., n - 1 itself.
+    A kernel computing them was contracted to an fma on sm_90: weight 0.08508 instead of 0.08496 at 0.995 over
+    4x64x64, -0.020 instead of 0 at 2**24 + 4."""
+    from fastddim.kernels import threshold as kt
+
+    for ratio in (0.995, 0.9, 1 / 3):
+        below, above, weight_bits = kt._quantile_indices_on_host(n, ratio, False)
+        rank = np.float32(ratio) * np.float32(n - 1)
+        weight = np.array(weight_bits, dtype=np.int32).view(np.float32)
+        assert (below, above) == (min(int(rank), n - 1), min(math.ceil(rank), n - 1)), f"ratio={ratio}"
+        assert weight == rank - np.float32(int(rank)), f"ratio={ratio}"
+        if n <= 2**24:
+            expected = torch.quantile(torch.arange(n, dtype=torch.float32), ratio)
+            got = torch.lerp(torch.tensor([float(below)]), torch.tensor([float(above)]), torch.tensor([float(weight)]))
+            assert_identical(got.view(()), expected, f"n={n} ratio={ratio}")
+    weight_bits = kt._quantile_indices_on_host(n, 0.995, False)[2]
+    weight = float(np.array(weight_bits, dtype=np.int32).view(np.float32))
+    if n == 4 * 64 * 64:
+        assert abs(weight - 0.08496) < 1e-4
+    if n == 2**24 + 4:
+        assert weight == 0.0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("n", [2**24 + 4, 2**31 + 7, 3 * 2**31 + 1, 10**12 + 3])
-def test_kernel_rank_arithmetic_for_huge_samples(n, dtype):
-    """The select kernel's rank = ratio * (n - 1) and weight for sizes no test can allocate (counts given
-    directly): as torch computes them in the dtype, and the order statistic's category from the counts."""
+@pytest.mark.parametrize("on_device", [False, True], ids=["host-indices", "device-indices"])
+def test_kernel_rank_arithmetic_for_huge_samples(n, dtype, on_device):
+    """The select kernel's order statistics and weight for sizes no test can allocate (counts given directly):
+    rank = ratio * (n - 1) and the weight as torch computes them in the dtype, and the order statistic's
+    category from the counts, with the indices from the host and (sharded samples) from the device."""
     int_dtype = torch.int64 if dtype == torch.float64 else torch.int32
     below_one = int(torch.tensor(0.75, dtype=dtype).view(int_dtype))
     at_least_bound = int(torch.tensor(40.0, dtype=dtype).view(int_dtype))
@@ -355,7 +390,7 @@ def test_kernel_rank_arithmetic_for_huge_samples(n, dtype):
     extremes = torch.tensor([[below_one + 1, 0], [0, max_bits - at_least_bound],
                              [below_one + 1, max_bits - at_least_bound]])
     for ratio in (0.995, 0.5, 1.0, 1e-9):
-        values = run_select(counts, extremes, ratio, dtype)
+        values = run_select(counts, extremes, ratio, dtype, on_device)
         below, above, weight = th.quantile_indices(n, ratio, dtype)
         assert_identical(values[2], weight.expand(3).to(DEVICE), f"weight ratio={ratio}")
         assert 0 <= int(below) <= int(above) <= n - 1
@@ -432,13 +467,13 @@ def test_thresholded_loop_matches_diffusers(prediction_type, backend):
     assert backend == "torch" or inside > 0
 
 
-def test_lazy_pred_original_sample_with_thresholding():
+def test_thresholded_step_without_pred_original_sample():
     ours = fastddim.DDIMScheduler(thresholding=True, sample_max_value=3.0)
     ours.set_timesteps(10)
     model_output, sample = randn((2, 3, 8, 8), seed=30, scale=2.0), randn((2, 3, 8, 8), seed=31, scale=3.0)
-    lazy = ours.step(model_output, 500, sample)
-    ours.lazy_pred_original_sample = False
-    eager = ours.step(model_output, 500, sample)
-    assert_identical(lazy.prev_sample, eager.prev_sample)
-    assert_identical(lazy.pred_original_sample, eager.pred_original_sample)
+    full = ours.step(model_output, 500, sample)
+    ours.write_pred_original_sample = False
+    skipped = ours.step(model_output, 500, sample)
+    assert_identical(skipped.prev_sample, full.prev_sample)
+    assert skipped.pred_original_sample is None and full.pred_original_sample is not None
 
