@@ -40,7 +40,12 @@ def cases():
     yield "per-sample timesteps", (randn(3, 4, 16, 16), randn(3, 4, 16, 16), table,
                                    torch.tensor([981, 501, 21], device="cuda")), {}
     yield "philox eta=1", (randn(2, 4, 16, 16), randn(2, 4, 16, 16), table, 501), dict(
-        eta=1.0, philox_state=torch.tensor([7, 3], device="cuda"))
+        eta=1.0, philox_state=fastddim.PhiloxGenerator(7, device="cuda").buffer)
+    yield "philox per-sample rows and timesteps", (randn(3, 4, 16, 16), randn(3, 4, 16, 16), table,
+                                                   torch.tensor([981, 501, 21], device="cuda")), dict(
+        eta=1.0, philox_state=fastddim.PhiloxGenerator(seeds=[7, 8, 9], device="cuda").buffer)
+    yield "thresholded", (randn(2, 4, 16, 16), randn(2, 4, 16, 16), table, 501), dict(
+        thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.0)
     yield "guided rescaled bf16", (randn(2, 4, 16, 16, dtype=torch.bfloat16), randn(2, 4, 16, 16,
                                    dtype=torch.bfloat16), table, 501), dict(
         uncond_output=randn(2, 4, 16, 16, dtype=torch.bfloat16), guidance_scale=7.5, guidance_rescale=0.7)
@@ -70,7 +75,11 @@ def main() -> int:
     for name, args, kwargs in cases():
         launcher.enabled = False
         ops.PLANS.clear()
+        # A generator buffer moves on with every step: both runs start from the same state.
+        saved = kwargs["philox_state"].clone() if "philox_state" in kwargs else None
         expected = [ops.ddim_step(*args, **kwargs) for _ in range(2)]
+        if saved is not None:
+            kwargs["philox_state"].copy_(saved)
         launcher.enabled = launch.direct_launch_supported()
         launcher.compiled.clear()
         ops.PLANS.clear()
@@ -80,7 +89,6 @@ def main() -> int:
         print(f"{name}: {'identical' if same else 'MISMATCH'} ({len(launcher.compiled)} direct specialization)")
     scheduler = fastddim.DDIMScheduler()
     scheduler.set_timesteps(50, device="cuda")
-    scheduler.lazy_pred_original_sample = False
     m, x = torch.randn(1, 4, 8, 8, device="cuda"), torch.randn(1, 4, 8, 8, device="cuda")
     t = scheduler.timesteps[10]
     for enabled in (False, launch.direct_launch_supported()):

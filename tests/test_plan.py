@@ -405,6 +405,37 @@ def test_launcher_takes_the_jit_launch_where_it_cannot_launch_directly():
     assert other.launches == [((2,), args, constexprs)] and len(kernel.launches) == 6
 
 
+def test_step_launches_carry_the_launch_options_and_the_per_sample_grid(fresh_plans):
+    """Every launch of the step kernel, JIT or direct, compiles without fp contraction (LAUNCH_OPTIONS), and a
+    prepared launch keeps main's per-sample programs (grid of batch x chunks per sample) and generator rows."""
+    assert ddim_module._step_launcher.launch_options == ddim_module.LAUNCH_OPTIONS == {"enable_fp_fusion": False}
+    kernel = RecordingKernel()
+    args, constexprs = (torch.zeros(4), 3, 0.5), {"BLOCK": 4}
+    launch.DirectLauncher(kernel, ddim_module.LAUNCH_OPTIONS, enabled=False)(kernel, (1,), args, constexprs)
+    assert kernel.launches == [((1,), args, {"BLOCK": 4, "enable_fp_fusion": False})]
+    table = step_table(torch.linspace(0.999, 0.01, 1000, dtype=torch.float64), 10, 1.0)
+    batch, per_sample = 3, 2 * ddim_module.BLOCK_SIZE + 5
+    model_output, sample = randn(batch, per_sample), randn(batch, per_sample, seed=1)
+    generator = fastddim.PhiloxGenerator(seeds=[1, 2, 3])
+    original, ddim_module._ddim_step_kernel = ddim_module._ddim_step_kernel, RecordingKernel()
+    try:
+        for timestep, by_sample in ((torch.tensor([500, 300, 100]), True), (torch.tensor(500), False)):
+            ddim_module._ddim_step_kernel.launches.clear()
+            ops.ddim_step(model_output, sample, table, timestep, eta=1.0, philox_state=generator.buffer,
+                          backend="triton")
+            (grid, launched, constexprs), = ddim_module._ddim_step_kernel.launches
+            assert constexprs["enable_fp_fusion"] is False and constexprs["SAMPLE_PROGRAMS"] == by_sample
+            blocks = math.ceil(per_sample / ddim_module.BLOCK_SIZE)
+            assert grid == ((batch * blocks,) if by_sample else (math.ceil(batch * per_sample /
+                                                                           ddim_module.BLOCK_SIZE),))
+            # rng_rows (after timestep and num_train_timesteps) and the elements per sample.
+            timestep_at = 11
+            assert launched[timestep_at + 1:timestep_at + 3] == (1000, batch)
+            assert launched[timestep_at + 7:timestep_at + 9] == (batch * per_sample, per_sample)
+    finally:
+        ddim_module._ddim_step_kernel = original
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # GraphedStep on the caller's static buffers
 # ---------------------------------------------------------------------------------------------------------------
