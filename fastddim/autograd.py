@@ -26,6 +26,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from fastddim import threshold as _threshold
+from fastddim.plan import StepOptions
 
 
 def requires_grad(model_output, sample, uncond_output=None, variance_noise=None) -> bool:
@@ -89,21 +90,22 @@ def threshold_scale(x0: torch.Tensor, ratio: float, max_value: float, process_gr
 
 
 class _TritonStep(torch.autograd.Function):
-    """The fused step kernel (forward) and the fused backward kernel."""
+    """The fused step kernel (forward, through the step plan's prepared launch) and the fused backward kernel."""
 
     @staticmethod
-    def forward(ctx, model_output, sample, uncond_output, variance_noise, table, timestep, options):
+    def forward(ctx, model_output, sample, uncond_output, variance_noise, table, timestep, launcher, philox_state):
         from fastddim import kernels
 
         ctx.set_materialize_grads(False)
+        options = launcher.options
         thresholds = order = None
-        if options["thresholding"]:
+        if options.thresholding:
             thresholds, order = kernels.sample_thresholds(
-                model_output, sample, table, timestep, options["prediction_type"],
-                options["dynamic_thresholding_ratio"], options["sample_max_value"], uncond_output,
-                options["guidance_scale"], options["guidance_rescale"], return_order_statistics=True)
-        prev, x0 = kernels.ddim_step(model_output, sample, table, timestep, variance_noise=variance_noise,
-                                     uncond_output=uncond_output, thresholds=thresholds, **options)
+                model_output, sample, table, timestep, options.prediction_type, options.dynamic_thresholding_ratio,
+                options.sample_max_value, uncond_output, options.guidance_scale, options.guidance_rescale,
+                return_order_statistics=True)
+        prev, x0 = launcher(model_output, sample, table, timestep, variance_noise, philox_state, uncond_output,
+                            thresholds=thresholds)
         timestep_tensor = timestep if isinstance(timestep, torch.Tensor) else None
         ctx.save_for_backward(model_output, sample, uncond_output, variance_noise, table, timestep_tensor,
                               thresholds, order)
@@ -120,52 +122,48 @@ class _TritonStep(torch.autograd.Function):
         timestep = timestep if timestep is not None else ctx.timestep
         options = ctx.options
         need_model, need_sample, need_uncond, need_noise = ctx.needs_input_grad[:4]
-        rescaled = uncond_output is not None and options["guidance_rescale"] != 0
+        rescaled = uncond_output is not None and options.guidance_rescale != 0
         grad_model, grad_sample, grad_uncond, grad_noise = ddim_step_backward(
-            grad_prev, grad_x0, model_output, sample, table, timestep, eta=options["eta"],
-            prediction_type=options["prediction_type"], clip_sample=options["clip_sample"],
-            clip_sample_range=options["clip_sample_range"],
-            use_clipped_model_output=options["use_clipped_model_output"], uncond_output=uncond_output,
-            guidance_scale=options["guidance_scale"], guidance_rescale=options["guidance_rescale"],
-            thresholds=thresholds, order_statistics=order, sample_max_value=options["sample_max_value"],
+            grad_prev, grad_x0, model_output, sample, table, timestep, eta=options.eta,
+            prediction_type=options.prediction_type, clip_sample=options.clip_sample,
+            clip_sample_range=options.clip_sample_range,
+            use_clipped_model_output=options.use_clipped_model_output, uncond_output=uncond_output,
+            guidance_scale=options.guidance_scale, guidance_rescale=options.guidance_rescale,
+            thresholds=thresholds, order_statistics=order, sample_max_value=options.sample_max_value,
             needs_input_grad=(need_model, need_sample, need_uncond, need_noise and variance_noise is not None),
         )
         if rescaled:
-            grad_model, grad_uncond = _rescaled_guidance_backward(grad_model, model_output, uncond_output, options,
+            grad_model, grad_uncond = _rescaled_guidance_backward(grad_model, model_output, uncond_output,
+                                                                  options.guidance_scale, options.guidance_rescale,
                                                                   need_model, need_uncond)
         if grad_noise is not None:
             grad_noise = grad_noise.to(variance_noise.dtype)
-        return grad_model, grad_sample, grad_uncond, grad_noise, None, None, None
+        return grad_model, grad_sample, grad_uncond, grad_noise, None, None, None, None
 
 
-def _rescaled_guidance_backward(grad_guided, cond, uncond, options, need_cond, need_uncond):
+def _rescaled_guidance_backward(grad_guided, cond, uncond, guidance_scale, guidance_rescale, need_cond,
+                                need_uncond):
     """Gradients of cond and uncond from that of diffusers' rescaled guidance (its std terms), by torch."""
     from fastddim import reference
 
     with torch.enable_grad():
         inputs = [t.detach().requires_grad_(need) for t, need in ((cond, need_cond), (uncond, need_uncond))]
-        guided = reference.guided_output(inputs[0], inputs[1], options["guidance_scale"],
-                                         options["guidance_rescale"], grad_guided.dtype)
+        guided = reference.guided_output(inputs[0], inputs[1], guidance_scale, guidance_rescale, grad_guided.dtype)
         wanted = [t for t in inputs if t.requires_grad]
         grads = iter(torch.autograd.grad(guided, wanted, grad_guided) if wanted else ())
     return tuple(next(grads) if t.requires_grad else None for t in inputs)
 
 
-def triton_step(model_output, sample, table, timestep_tensor, timestep_value, eta, prediction_type, clip_sample,
-                clip_sample_range, use_clipped_model_output, variance_noise, philox_state, uncond_output,
-                guidance_scale, guidance_rescale, thresholding=False, dynamic_thresholding_ratio=0.995,
-                sample_max_value=1.0, write_prev_sample=True, write_pred_original_sample=True, process_group=None):
-    """`fastddim.ops._triton_step`, recorded for autograd: the same outputs, with a fused backward."""
-    if thresholding and process_group is not None:
+def triton_step(plan, model_output, sample, table, timestep, variance_noise=None, philox_state=None,
+                uncond_output=None, process_group=None):
+    """The Triton step of `plan` (a `fastddim.plan.StepPlan` with a launcher), recorded for autograd: the same
+    outputs, with a fused backward."""
+    if plan.options.thresholding and process_group is not None:
         raise _sharded_error()
-    options = dict(eta=eta, prediction_type=prediction_type, clip_sample=clip_sample,
-                   clip_sample_range=clip_sample_range, use_clipped_model_output=use_clipped_model_output,
-                   philox_state=philox_state, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-                   thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-                   sample_max_value=sample_max_value, write_prev_sample=write_prev_sample,
-                   write_pred_original_sample=write_pred_original_sample)
-    timestep = timestep_tensor if timestep_tensor is not None else timestep_value
-    return _TritonStep.apply(model_output, sample, uncond_output, variance_noise, table, timestep, options)
+    if isinstance(timestep, torch.Tensor) and timestep.device != sample.device:
+        timestep = timestep.to(sample.device)
+    return _TritonStep.apply(model_output, sample, uncond_output, variance_noise, table, timestep, plan.launcher,
+                             philox_state)
 
 
 # Under torch.compile the Triton step is the custom op torch.ops.fastddim.ddim_step (fastddim.ops), whose backward
@@ -213,30 +211,30 @@ def _(grad_prev, grad_x0, model_output, sample, table, timestep_tensor, timestep
 
 
 def _setup_step_op_context(ctx, inputs, output):
-    (model_output, sample, table, timestep_tensor, _, _, _, _, _, _, variance_noise, _, uncond_output, *_) = inputs
+    (model_output, sample, table, timestep_tensor, timestep_value, variance_noise, _, uncond_output,
+     prediction_type, options) = inputs
     ctx.save_for_backward(model_output, sample, table, timestep_tensor, uncond_output)
-    ctx.arguments = inputs
+    ctx.timestep_value = timestep_value
+    ctx.options = StepOptions.from_op_arguments(prediction_type, tuple(options))
     ctx.noise_dtype = variance_noise.dtype if variance_noise is not None else None
 
 
 def _step_op_backward(ctx, grad_prev, grad_x0):
     model_output, sample, table, timestep_tensor, uncond_output = ctx.saved_tensors
-    (_, _, _, _, timestep_value, eta, prediction_type, clip_sample, clip_sample_range, use_clipped_model_output,
-     _, _, _, guidance_scale, guidance_rescale, thresholding, dynamic_thresholding_ratio,
-     sample_max_value) = ctx.arguments
+    options = ctx.options
     grad_model, grad_sample, grad_uncond, grad_noise = _triton_step_backward_op(
-        grad_prev, grad_x0, model_output, sample, table, timestep_tensor, timestep_value, eta, prediction_type,
-        clip_sample, clip_sample_range, use_clipped_model_output, uncond_output, guidance_scale, guidance_rescale,
-        thresholding, dynamic_thresholding_ratio, sample_max_value)
+        grad_prev, grad_x0, model_output, sample, table, timestep_tensor, ctx.timestep_value, options.eta,
+        options.prediction_type, options.clip_sample, options.clip_sample_range, options.use_clipped_model_output,
+        uncond_output, options.guidance_scale, options.guidance_rescale, options.thresholding,
+        options.dynamic_thresholding_ratio, options.sample_max_value)
     if uncond_output is None:
         grad_uncond = None
-    elif guidance_rescale != 0:
-        options = dict(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale)
-        grad_model, grad_uncond = _rescaled_guidance_backward(grad_model, model_output, uncond_output, options,
+    elif options.guidance_rescale != 0:
+        grad_model, grad_uncond = _rescaled_guidance_backward(grad_model, model_output, uncond_output,
+                                                              options.guidance_scale, options.guidance_rescale,
                                                               True, True)
     grad_noise = grad_noise.to(ctx.noise_dtype) if ctx.noise_dtype is not None else None
-    return (grad_model, grad_sample, None, None, None, None, None, None, None, None, grad_noise, None, grad_uncond,
-            None, None, None, None, None)
+    return grad_model, grad_sample, None, None, None, grad_noise, None, grad_uncond, None, None
 
 
 def register_step_op_autograd(step_op) -> None:

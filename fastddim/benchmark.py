@@ -336,7 +336,7 @@ def versions() -> dict:
 
 
 def run(device=None, quick: bool = False, cases=None, threads: int | None = 1, rounds: int | None = None,
-        progress: Callable[[str], None] | None = None) -> dict:
+        progress: Callable[[str], None] | None = None, host: bool = True) -> dict:
     """Time fastddim's step against diffusers' (when installed) on `device` (default: CUDA if available, else
     CPU); returns a JSON-ready dict (see module docstring for the method).
 
@@ -347,6 +347,7 @@ def run(device=None, quick: bool = False, cases=None, threads: int | None = 1, r
         threads: torch threads on CPU (default 1; None keeps the current count). Restored afterwards.
         rounds: interleaved timing rounds (default 40, 5 with `quick`).
         progress: called with a line of text per case done (e.g. `print`).
+        host: also time the host overhead per step at latent sizes (`run_host`), under "host_overhead".
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -401,6 +402,8 @@ def run(device=None, quick: bool = False, cases=None, threads: int | None = 1, r
             results["cases"].append(entry)
             if progress is not None:
                 progress(format_case(entry, on_gpu))
+    if host:
+        results["host_overhead"] = run_host(device, quick=quick, rounds=rounds, progress=progress)
     # Other processes on the machine slow single-threaded timings down: the 1-minute load before and after.
     results["load_average"] = [load_before, _load_average()]
     if not on_gpu:
@@ -409,6 +412,170 @@ def run(device=None, quick: bool = False, cases=None, threads: int | None = 1, r
             results["acceptance"] = {"case": ACCEPTANCE_CASE.name, "target_speedup": ACCEPTANCE_SPEEDUP,
                                      "speedup": measured["speedup"], "met": measured["speedup"] >= ACCEPTANCE_SPEEDUP}
     return results
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Host overhead per step at latent sizes
+# ------------------------------------------------------------------------------------------------------------
+
+HOST_SHAPE = (1, 4, 8, 8)
+HOST_METHOD = """\
+Host time per step call at 1x4x8x8 float32, where a GPU step moves so few bytes that its cost is what the host
+spends. CPU: fastddim's Triton backend with every Triton launch replaced by a no-op ("launch stubbed": the Python
+that runs before the kernel, which is what a GPU step costs on the host besides the launch itself), its torch
+path, and diffusers' eager step, each with real tensors on the CPU. CUDA: wall time per call over back-to-back
+calls (perf_counter around batches, the GPU synchronised between batches only). Default DDIMScheduler config,
+set_timesteps(50), timestep timesteps[10]; eta=1 cases draw noise from a generator (diffusers and fastddim's torch
+path: torch.Generator; fastddim's Triton backend: PhiloxGenerator, drawn in the kernel); guided: classifier-free guidance at scale 7.5 (fastddim fuses
+it into the step, diffusers' pipelines compute it before the step: timed as the same formula plus the step).
+"""
+
+
+@dataclass(frozen=True)
+class HostCase:
+    """One host-overhead case: noise from a generator (eta > 0), a 0-d tensor timestep, thresholding, guidance."""
+
+    name: str
+    eta: float = 0.0
+    tensor_timestep: bool = False
+    thresholding: bool = False
+    guided: bool = False
+
+
+HOST_CASES = (
+    HostCase("step"),
+    HostCase("step t=tensor", tensor_timestep=True),
+    HostCase("step eta=1 generator", eta=1.0),
+    HostCase("thresholded", thresholding=True),
+    HostCase("guided", guided=True),
+)
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel: `kernel[grid](*args, **constexprs)` does nothing."""
+
+    def __getitem__(self, grid):
+        return _no_launch
+
+
+def _no_launch(*args, **kwargs):
+    return None
+
+
+@contextlib.contextmanager
+def stubbed_launches():
+    """Every Triton kernel of fastddim.kernels replaced by a no-op and CPU tensors routed to the Triton backend,
+    for the duration: what remains of a step is its host-side Python."""
+    from fastddim import kernels
+    from fastddim.kernels import ddim, threshold
+
+    saved = []
+    for module in (ddim, threshold):
+        for name, value in vars(module).copy().items():
+            if type(value).__name__ in ("JITFunction", "InterpretedFunction"):
+                saved.append((module, name, value))
+                setattr(module, name, _NoLaunch())
+    saved_interpreting = ops.triton_interpreting
+    ops.triton_interpreting = lambda: True
+    ops.PLANS.clear()
+    try:
+        with forced_backend("triton"):
+            yield kernels
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+        ops.triton_interpreting = saved_interpreting
+        ops.PLANS.clear()
+
+
+def host_steps(case: HostCase, device, seed: int = 0, philox: bool = True) -> dict[str, Callable[[], object]]:
+    """`{"fastddim": step, "diffusers": step}` (diffusers where installed) for `case` on `device`; fastddim's noise
+    comes from a PhiloxGenerator (`philox`, drawn in the kernel) or, as diffusers', from a torch.Generator."""
+    device = torch.device(device)
+    generator = torch.Generator(device).manual_seed(seed)
+    model_output, sample, uncond = (torch.randn(HOST_SHAPE, generator=generator, device=device) for _ in range(3))
+    config = {"thresholding": True, "sample_max_value": THRESHOLD_MAX_VALUE} if case.thresholding else {}
+    schedulers = {"fastddim": fastddim.DDIMScheduler(**config)}
+    diffusers = _diffusers()
+    if diffusers is not None:
+        schedulers["diffusers"] = diffusers.DDIMScheduler(**config)
+    for scheduler in schedulers.values():
+        scheduler.set_timesteps(NUM_INFERENCE_STEPS, device=device)
+    timestep = schedulers["fastddim"].timesteps[TIMESTEP_INDEX]
+    if not case.tensor_timestep:
+        timestep = int(timestep)
+    steps = {}
+    fast = schedulers["fastddim"]
+    noise_source = None
+    if case.eta > 0:
+        noise_source = (fastddim.PhiloxGenerator(seed, device=device) if philox
+                        else torch.Generator(device).manual_seed(seed))
+    if case.guided:
+        steps["fastddim"] = functools.partial(fast.guided_step, uncond, model_output, timestep, sample, 7.5,
+                                              eta=case.eta, generator=noise_source)
+    else:
+        steps["fastddim"] = functools.partial(fast.step, model_output, timestep, sample, eta=case.eta,
+                                              generator=noise_source)
+    if "diffusers" in schedulers:
+        slow = schedulers["diffusers"]
+        noise_generator = torch.Generator(device).manual_seed(seed) if case.eta > 0 else None
+        if case.guided:
+            def diffusers_guided():
+                guided = uncond + 7.5 * (model_output - uncond)
+                return slow.step(guided, timestep, sample, eta=case.eta, generator=noise_generator)
+            steps["diffusers"] = diffusers_guided
+        else:
+            steps["diffusers"] = functools.partial(slow.step, model_output, timestep, sample, eta=case.eta,
+                                                   generator=noise_generator)
+    return steps
+
+
+def run_host(device=None, quick: bool = False, rounds: int | None = None,
+             progress: Callable[[str], None] | None = None) -> dict:
+    """Host time per step call of fastddim and diffusers at 1x4x8x8 (see HOST_METHOD); a JSON-ready dict.
+
+    On the CPU fastddim is timed twice: Triton backend with the launches stubbed (where triton is installed),
+    and its torch path; diffusers' step runs in the same round robin as the torch path.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    rounds = rounds or (5 if quick else 40)
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    timing = dict(rounds=rounds, round_seconds=1e-3 if quick else 2e-3, warmup_seconds=0.02 if quick else 0.1,
+                  sync=sync, max_calls=200 if on_gpu else None)
+    results = {"shape": list(HOST_SHAPE), "method": " ".join(HOST_METHOD.split()), "cases": []}
+    with torch_threads(None if on_gpu else 1):
+        for case in HOST_CASES:
+            timings = {}
+            if on_gpu:
+                timings.update(time_host(host_steps(case, device), **timing))
+            else:
+                if ops.triton_available():
+                    with stubbed_launches():
+                        stubbed = host_steps(case, device)["fastddim"]
+                        timings["fastddim launch stubbed"] = time_host({"fastddim": stubbed}, **timing)["fastddim"]
+                with forced_backend("torch"):
+                    steps = host_steps(case, device, philox=False)
+                    measured = time_host(steps, **timing)
+                timings["fastddim torch path"] = measured.pop("fastddim")
+                timings.update(measured)
+            entry = {"name": case.name, "timings": timings}
+            results["cases"].append(entry)
+            if progress is not None:
+                progress(f"host {case.name}: " + ", ".join(f"{name} {_cell(t)} us" for name, t in timings.items()))
+    return results
+
+
+def format_host_table(host: dict) -> str:
+    """The host-overhead results as markdown: one row per case, one column per contender."""
+    names = list(dict.fromkeys(name for case in host["cases"] for name in case["timings"]))
+    lines = [f"Host time per step call at {'x'.join(map(str, host['shape']))} float32, microseconds, median (min):",
+             "", "| case | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for case in host["cases"]:
+        lines.append(f"| {case['name']} | " + " | ".join(_cell(case["timings"].get(name)) for name in names) + " |")
+    return "\n".join(lines)
 
 
 def _ratio(timings: dict, key: str) -> float | None:
@@ -487,6 +654,8 @@ def format_table(results: dict) -> str:
         verdict = "met" if acceptance["met"] else "NOT met"
         lines += ["", f"Acceptance ({acceptance['case']}: fastddim at least {acceptance['target_speedup']:g}x faster "
                       f"than diffusers): {verdict}, {acceptance['speedup']:.2f}x."]
+    if results.get("host_overhead"):
+        lines += ["", format_host_table(results["host_overhead"])]
     return "\n".join(lines)
 
 

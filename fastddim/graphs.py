@@ -120,25 +120,35 @@ class GraphedStep:
             buffer; continuous batching); a single timestep is then given to every sample.
         capture (`CudaGraphCapture`, *optional*): how to capture (defaults to CUDA graphs on CUDA devices, eager
             steps elsewhere); tests pass a recording stand-in.
+        static_model_output (`torch.Tensor`, *optional*), static_sample (`torch.Tensor`, *optional*): tensors of
+            the callers' own (e.g. the output buffer of a captured model) that the graph reads directly; by
+            default the step allocates its own. A call whose argument is that very tensor copies nothing.
 
     Call it as `step(model_output, timestep, sample)`; it returns a `DDIMSchedulerOutput` whose tensors are the
-    graph's static outputs. The graph keeps the step table, timestep and generator buffers it reads alive, and
-    serves the scheduler's schedule at capture: after `set_timesteps` with another number of steps it raises
-    (capture again); the scheduler's other settings are those at capture.
+    graph's static outputs. Arguments other than the static tensors are copied into them first. The graph keeps
+    the step table, timestep and generator buffers it reads alive, and serves the scheduler's schedule at capture:
+    after `set_timesteps` with another number of steps it raises (capture again); the scheduler's other settings
+    are those at capture.
     """
 
     def __init__(self, scheduler, sample: torch.Tensor, eta: float = 0.0, generator: PhiloxGenerator | None = None,
                  use_clipped_model_output: bool = False, warmup: int = 2, per_sample_timesteps: bool = False, *,
-                 capture: CudaGraphCapture | None = None):
+                 capture: CudaGraphCapture | None = None, static_model_output: torch.Tensor | None = None,
+                 static_sample: torch.Tensor | None = None):
         _check_generator(eta, generator)
         _check_warmup(warmup)
+        for name, static in (("static_model_output", static_model_output), ("static_sample", static_sample)):
+            if static is not None and (not isinstance(static, torch.Tensor) or static.shape != sample.shape
+                                       or static.device != sample.device or static.dtype != sample.dtype):
+                raise ValueError(f"{name} must be a tensor of the sample's shape {tuple(sample.shape)}, dtype "
+                                 f"{sample.dtype} and device {sample.device}")
         self.owned = _Owned(scheduler, sample.device, generator)
         self.scheduler = scheduler
         self.eta = eta
         self.generator = generator
         self.use_clipped_model_output = use_clipped_model_output
-        self.static_model_output = torch.zeros_like(sample)
-        self.static_sample = torch.zeros_like(sample)
+        self.static_model_output = static_model_output if static_model_output is not None else torch.zeros_like(sample)
+        self.static_sample = static_sample if static_sample is not None else torch.zeros_like(sample)
         batch = sample.shape[0] if sample.dim() else 1
         self.static_timestep = torch.zeros((batch,) if per_sample_timesteps else (), dtype=torch.int64,
                                            device=sample.device)
@@ -150,8 +160,10 @@ class GraphedStep:
 
     def __call__(self, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> DDIMSchedulerOutput:
         self.owned.check(self.scheduler)
-        self.static_model_output.copy_(model_output)
-        self.static_sample.copy_(sample)
+        if model_output is not self.static_model_output:
+            self.static_model_output.copy_(model_output)
+        if sample is not self.static_sample:
+            self.static_sample.copy_(sample)
         if isinstance(timestep, torch.Tensor):
             self.static_timestep.copy_(timestep.reshape(()) if timestep.numel() == 1 else timestep)
         else:

@@ -18,6 +18,7 @@ import os
 import torch
 
 from fastddim import autograd, reference, threshold
+from fastddim.plan import PlanCache, StepOptions, StepPlan, check_real, tensor_key
 from fastddim.schedule import ROW_WIDTH, as_table
 
 BACKENDS = ("torch", "triton")
@@ -41,9 +42,22 @@ def triton_interpreting() -> bool:
     return _kernels is not None and _kernels.INTERPRETED
 
 
+# FASTDDIM_BACKEND is read at every step; os.environ.get encodes and decodes on each read, its mapping does not.
+_ENVIRON = getattr(os.environ, "_data", None)
+_BACKEND_VARIABLE = os.environ.encodekey("FASTDDIM_BACKEND") if _ENVIRON is not None else None
+
+
+def backend_setting():
+    """FASTDDIM_BACKEND as set now (None when unset), cheaply: it is read at every step."""
+    if _ENVIRON is None:
+        return os.environ.get("FASTDDIM_BACKEND")
+    value = _ENVIRON.get(_BACKEND_VARIABLE)
+    return value if value is None else os.environ.decodevalue(value)
+
+
 def select_backend(device: torch.device) -> str:
     """The backend a step on `device` uses now ("torch" or "triton"), honouring FASTDDIM_BACKEND."""
-    forced = os.environ.get("FASTDDIM_BACKEND")
+    forced = backend_setting()
     if forced is None:  # the common case, kept short: this runs on every step
         if device.type == "cuda" and triton_available() or device.type == "cpu" and triton_interpreting():
             return "triton"
@@ -90,16 +104,6 @@ def check_step_inputs(model_output, sample, variance_noise=None, uncond_output=N
             raise ValueError(f"{name} must be on the device of sample ({sample.device}), got {other.device}")
 
 
-def check_real(name: str, value, minimum: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or (minimum is not None and value < minimum):
-        bound = f" >= {minimum}" if minimum is not None else ""
-        raise ValueError(f"{name} must be a finite number{bound}, got {value}")
-    return value
-
-
 def check_eta(eta) -> float:
     """eta as a float; it must be finite and >= 0 (0 is DDIM, 1 is DDPM-like)."""
     if type(eta) is float and 0.0 <= eta < math.inf:  # the common case, kept short
@@ -142,23 +146,13 @@ def ddim_step(
     sample: torch.Tensor,
     table: torch.Tensor,
     timestep=None,
-    eta: float = 0.0,
-    prediction_type: str = "epsilon",
-    clip_sample: bool = False,
-    clip_sample_range: float = 1.0,
-    thresholding: bool = False,
-    dynamic_thresholding_ratio: float = 0.995,
-    sample_max_value: float = 1.0,
-    use_clipped_model_output: bool = False,
+    options: StepOptions | None = None,
     variance_noise: torch.Tensor | None = None,
     philox_state: torch.Tensor | None = None,
     uncond_output: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
-    guidance_rescale: float = 0.0,
     backend: str | None = None,
-    write_prev_sample: bool = True,
-    write_pred_original_sample: bool = True,
     process_group=None,
+    **option_values,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """One DDIM step, checked and dispatched; returns `(prev_sample, pred_original_sample)`, None for an output
     not asked for.
@@ -171,12 +165,11 @@ def ddim_step(
             sample's device; the torch backend on the CPU for an int timestep, else on the timestep's device.
         timestep (`int` or integer `torch.Tensor`): one timestep, or one per sample (shape `(batch,)`). A tensor
             is never read by the host; timesteps outside the table give NaN. None: `table` is one table row.
-        eta (`float`): noise weight, >= 0.
-        prediction_type (`str`): "epsilon", "sample" or "v_prediction".
-        clip_sample (`bool`), clip_sample_range (`float`): clamp x0 to [-range, range].
-        thresholding (`bool`), dynamic_thresholding_ratio (`float`), sample_max_value (`float`): dynamic
-            thresholding of x0 (takes precedence over clipping, as in diffusers).
-        use_clipped_model_output (`bool`): re-derive the noise prediction from the clipped x0.
+        options (`fastddim.plan.StepOptions`, *optional*): the step's settings: eta (>= 0), prediction_type,
+            clip_sample / clip_sample_range, thresholding / dynamic_thresholding_ratio / sample_max_value (dynamic
+            thresholding of x0, which takes precedence over clipping, as in diffusers), use_clipped_model_output,
+            guidance_scale / guidance_rescale, write_prev_sample / write_pred_original_sample. Or pass those as
+            keywords (`option_values`), with StepOptions' defaults.
         variance_noise (`torch.Tensor`, *optional*): standard normal noise of the sample's shape.
         philox_state (`torch.Tensor`, *optional*): instead, a `PhiloxGenerator.buffer` on the sample's device
             (one (seed, offset) row per sample or one for the batch, then a ticket row): the noise is drawn in the
@@ -189,12 +182,29 @@ def ddim_step(
             across the processes of this group (each holds the whole batch and a part of every sample): the
             threshold is that of the whole samples, the same on every process (its counts are all-reduced).
             Every process of the group must make the call. Not traceable by torch.compile.
+
+    The settings are checked at every call; the tensors' properties once per step plan (`dispatch`).
     """
+    if options is None:
+        options = StepOptions(**option_values)
+    elif option_values:
+        raise TypeError("pass the step's settings either as options or as keywords, not both")
     table, timestep = as_table(table, timestep)
+    options = options.checked(guided=uncond_output is not None)
+    # A host timestep is checked at every call (a plan keys on its type only); a tensor is never read by the host.
+    if type(timestep) is int and isinstance(table, torch.Tensor) and table.dim() == 2 and (
+        not 0 <= timestep < table.shape[0]
+    ):
+        raise ValueError(f"timestep must be in [0, {table.shape[0]}) (the table's rows), got {timestep}")
+    return dispatch(model_output, sample, table, timestep, options, variance_noise, philox_state, uncond_output,
+                    backend, process_group)
+
+
+def check_step(model_output, sample, table, timestep, options: StepOptions, variance_noise=None,
+               philox_state=None, uncond_output=None, backend: str | None = None) -> str:
+    """Every check of a step's tensors, timestep and backend (clear TypeError / ValueError naming the argument);
+    returns the backend. `options` must be `StepOptions.checked` already."""
     check_step_inputs(model_output, sample, variance_noise, uncond_output)
-    eta = check_eta(eta)
-    if prediction_type not in reference.PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {reference.PREDICTION_TYPES}, got {prediction_type!r}")
     if not isinstance(table, torch.Tensor) or table.dtype != torch.float64 or table.dim() != 2 or (
         table.shape[1] != ROW_WIDTH
     ):
@@ -208,9 +218,6 @@ def ddim_step(
         raise ValueError("pass either variance_noise or philox_state, not both")
     if philox_state is not None:
         check_philox_state(philox_state, sample)
-    if uncond_output is not None:
-        guidance_scale = check_real("guidance_scale", guidance_scale)
-        guidance_rescale = check_real("guidance_rescale", guidance_rescale, minimum=0.0)
     if backend is None:
         backend = select_backend(sample.device)
     elif backend not in BACKENDS:
@@ -220,59 +227,103 @@ def ddim_step(
             f"backend='triton' needs CUDA tensors (got {sample.device.type}); set TRITON_INTERPRET=1 before importing "
             "fastddim to run the Triton kernels on CPU tensors"
         )
-    if thresholding:
-        dynamic_thresholding_ratio = check_real("dynamic_thresholding_ratio", dynamic_thresholding_ratio)
-        if not 0 < dynamic_thresholding_ratio <= 1:
-            raise ValueError(f"dynamic_thresholding_ratio must be in (0, 1], got {dynamic_thresholding_ratio}")
-        sample_max_value = check_real("sample_max_value", sample_max_value)
-        if not sample_max_value > 0:  # below 1 it is the threshold itself, as in diffusers
-            raise ValueError(f"sample_max_value must be a finite number > 0, got {sample_max_value}")
     if backend == "triton" and table.device != sample.device:
         raise ValueError(f"table must be on the device of sample ({sample.device}) for the triton backend")
-    return dispatch(
-        model_output, sample, table, timestep, eta=eta, prediction_type=prediction_type, clip_sample=clip_sample,
-        clip_sample_range=clip_sample_range, thresholding=thresholding,
-        dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
-        use_clipped_model_output=use_clipped_model_output, variance_noise=variance_noise, philox_state=philox_state,
-        uncond_output=uncond_output, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-        backend=backend, write_prev_sample=write_prev_sample, write_pred_original_sample=write_pred_original_sample,
-        process_group=process_group,
-    )
+    return backend
 
 
-def dispatch(model_output, sample, table, timestep, *, eta, prediction_type, clip_sample, clip_sample_range,
-             thresholding, dynamic_thresholding_ratio, sample_max_value, use_clipped_model_output, backend,
-             variance_noise=None, philox_state=None, uncond_output=None, guidance_scale=1.0, guidance_rescale=0.0,
-             write_prev_sample=True, write_pred_original_sample=True, process_group=None):
-    """`ddim_step` without its checks, for callers that checked the same things already (the schedulers: the
-    per-call cost of a step on small tensors is mostly Python). `table` may also be a host table as a list of
-    rows (`step_table(...).tolist()`) for an int timestep on the torch path."""
+def build_plan(model_output, sample, table, timestep, options: StepOptions, variance_noise=None, philox_state=None,
+               uncond_output=None, backend: str | None = None, process_group=None) -> StepPlan:
+    """A `StepPlan` for steps whose tensors have the properties of these (after `check_step`): the torch path, or
+    the Triton launch prepared once (`fastddim.kernels.ddim.StepLauncher`)."""
+    backend = check_step(model_output, sample, table, timestep, options, variance_noise, philox_state,
+                         uncond_output, backend)
+    process_group = process_group if options.thresholding else None
     if backend == "torch":
-        return reference.ddim_step(
-            model_output, sample, table, timestep, eta=eta, prediction_type=prediction_type,
-            clip_sample=clip_sample, clip_sample_range=clip_sample_range, thresholding=thresholding,
-            dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
-            use_clipped_model_output=use_clipped_model_output, variance_noise=variance_noise,
-            philox_state=philox_state, uncond_output=uncond_output, guidance_scale=guidance_scale,
-            guidance_rescale=guidance_rescale, write_prev_sample=write_prev_sample,
-            write_pred_original_sample=write_pred_original_sample, process_group=process_group,
-        )
-    if isinstance(timestep, torch.Tensor) and timestep.device != sample.device:
+        host_rows = _HostRows()
+
+        def run(model_output, sample, table, timestep, variance_noise, philox_state, uncond_output):
+            if not isinstance(timestep, torch.Tensor):
+                table = host_rows(table)
+            return reference.ddim_step(model_output, sample, table, timestep, options, variance_noise, philox_state,
+                                       uncond_output, process_group)
+
+        return StepPlan(options, backend, run)
+    move_timestep = isinstance(timestep, torch.Tensor) and timestep.device != sample.device
+    if move_timestep:
         timestep = timestep.to(sample.device)
-    args = (model_output, sample, table, timestep if isinstance(timestep, torch.Tensor) else None,
-            timestep if not isinstance(timestep, torch.Tensor) else 0, eta, prediction_type, bool(clip_sample),
-            float(clip_sample_range), bool(use_clipped_model_output), variance_noise, philox_state, uncond_output,
-            float(guidance_scale), float(guidance_rescale), bool(thresholding), float(dynamic_thresholding_ratio),
-            float(sample_max_value))
-    if autograd.requires_grad(model_output, sample, uncond_output, variance_noise) and (
-        not torch.compiler.is_compiling()
-    ):
-        return autograd.triton_step(*args, write_prev_sample=write_prev_sample,
-                                    write_pred_original_sample=write_pred_original_sample, process_group=process_group)
-    if process_group is not None and thresholding:
-        return _triton_step(*args, write_prev_sample=write_prev_sample,
-                            write_pred_original_sample=write_pred_original_sample, process_group=process_group)
-    if torch.compiler.is_compiling():
+    launcher = _kernels.ddim.StepLauncher(
+        options, model_output, sample, table, timestep, variance_noise, philox_state, uncond_output,
+        threshold.all_reduce_hook(process_group) if process_group is not None else None,
+    )
+    if move_timestep:
+        def run(model_output, sample, table, timestep, variance_noise, philox_state, uncond_output):
+            return launcher(model_output, sample, table, timestep.to(sample.device), variance_noise, philox_state,
+                            uncond_output)
+
+        return StepPlan(options, backend, run, launcher)
+    return StepPlan(options, backend, launcher, launcher)
+
+
+class _HostRows:
+    """The rows of a CPU step table as Python floats (what the torch path's int timesteps read), converted once
+    per table and kept while the table is the same tensor, unmodified (its version counter)."""
+
+    def __init__(self):
+        self.table = self.version = self.rows = None
+
+    def __call__(self, table):
+        if not isinstance(table, torch.Tensor) or table.device.type != "cpu":
+            return table
+        if table is not self.table or table._version != self.version:
+            self.table, self.version, self.rows = table, table._version, table.tolist()
+        return self.rows
+
+
+PLANS = PlanCache()
+
+
+def plan_for(model_output, sample, table, timestep, options: StepOptions, variance_noise=None, philox_state=None,
+             uncond_output=None, backend: str | None = None, process_group=None) -> StepPlan:
+    """The cached `StepPlan` for a step with these tensors and checked options, built (and checked) on first use.
+    Keyed on the options, the backend argument, FASTDDIM_BACKEND, every tensor's dtype, shape, strides and device,
+    the timestep's kind and the process group; arguments that cannot be keyed go to the checks uncached."""
+    try:
+        # tensor_key written out for the three tensors every step has: this runs at every step.
+        key = (options, backend, _ENVIRON.get(_BACKEND_VARIABLE) if _ENVIRON is not None else backend_setting(),
+               model_output.dtype, model_output.shape, model_output.stride(), model_output.device,
+               sample.dtype, sample.shape, sample.stride(), sample.device,
+               table.dtype, table.shape, table.stride(), table.device,
+               tensor_key(timestep) if isinstance(timestep, torch.Tensor) else type(timestep),
+               None if variance_noise is None else tensor_key(variance_noise),
+               None if philox_state is None else tensor_key(philox_state),
+               None if uncond_output is None else tensor_key(uncond_output), process_group)
+        plan = PLANS.get(key)
+    except (AttributeError, TypeError):  # not tensors, or unhashable: the checks name the argument
+        return build_plan(model_output, sample, table, timestep, options, variance_noise, philox_state,
+                          uncond_output, backend, process_group)
+    if plan is None:
+        plan = PLANS.put(key, build_plan(model_output, sample, table, timestep, options, variance_noise,
+                                         philox_state, uncond_output, backend, process_group))
+    return plan
+
+
+def dispatch(model_output, sample, table, timestep, options: StepOptions, variance_noise=None, philox_state=None,
+             uncond_output=None, backend: str | None = None, process_group=None):
+    """`ddim_step` for checked `options` (the schedulers keep theirs): the step through its cached plan, whose
+    checks ran when it was built. A Triton step whose inputs require grad (grad mode on) is recorded for autograd
+    (`fastddim.autograd`); the torch path is differentiated by torch itself."""
+    if torch.compiler.is_compiling() and not (process_group is not None and options.thresholding):
+        backend = check_step(model_output, sample, table, timestep, options, variance_noise, philox_state,
+                             uncond_output, backend)
+        if backend == "torch":
+            return reference.ddim_step(model_output, sample, table, timestep, options, variance_noise, philox_state,
+                                       uncond_output, process_group)
+        if isinstance(timestep, torch.Tensor) and timestep.device != sample.device:
+            timestep = timestep.to(sample.device)
+        tensor_timestep = isinstance(timestep, torch.Tensor)
+        args = (model_output, sample, table, timestep if tensor_timestep else None, 0 if tensor_timestep else
+                int(timestep), variance_noise, philox_state, uncond_output, *options.op_arguments())
         # The custom ops always return both outputs (their schema has two tensors); drop the one not asked for.
         if philox_state is None:
             prev, x0 = _triton_step_op(*args)
@@ -283,25 +334,13 @@ def dispatch(model_output, sample, table, timestep, *, eta, prediction_type, cli
             )
         else:
             prev, x0 = _triton_step_philox_op(*args)
-        return (prev if write_prev_sample else None), (x0 if write_pred_original_sample else None)
-    return _triton_step(*args, write_prev_sample=write_prev_sample,
-                        write_pred_original_sample=write_pred_original_sample)
-
-
-def _triton_step(model_output, sample, table, timestep_tensor, timestep_value, eta, prediction_type, clip_sample,
-                 clip_sample_range, use_clipped_model_output, variance_noise, philox_state, uncond_output,
-                 guidance_scale, guidance_rescale, thresholding=False, dynamic_thresholding_ratio=0.995,
-                 sample_max_value=1.0, write_prev_sample=True, write_pred_original_sample=True, process_group=None):
-    return _kernels.ddim_step(
-        model_output, sample, table, timestep_tensor if timestep_tensor is not None else timestep_value, eta=eta,
-        prediction_type=prediction_type, clip_sample=clip_sample, clip_sample_range=clip_sample_range,
-        use_clipped_model_output=use_clipped_model_output, variance_noise=variance_noise, philox_state=philox_state,
-        uncond_output=uncond_output, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
-        write_prev_sample=write_prev_sample, write_pred_original_sample=write_pred_original_sample,
-        thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-        sample_max_value=sample_max_value,
-        threshold_reduce=threshold.all_reduce_hook(process_group) if process_group is not None else None,
-    )
+        return (prev if options.write_prev_sample else None), (x0 if options.write_pred_original_sample else None)
+    plan = plan_for(model_output, sample, table, timestep, options, variance_noise, philox_state, uncond_output,
+                    backend, process_group)
+    if plan.launcher is not None and autograd.requires_grad(model_output, sample, uncond_output, variance_noise):
+        return autograd.triton_step(plan, model_output, sample, table, timestep, variance_noise, philox_state,
+                                    uncond_output, process_group)
+    return plan.run(model_output, sample, table, timestep, variance_noise, philox_state, uncond_output)
 
 
 # Two custom ops: torch.library registers autograd formulas only for functional ops, and the Philox variant
@@ -309,37 +348,37 @@ def _triton_step(model_output, sample, table, timestep_tensor, timestep_value, e
 @torch.library.custom_op("fastddim::ddim_step", mutates_args=())
 def _triton_step_op(
     model_output: torch.Tensor, sample: torch.Tensor, table: torch.Tensor, timestep_tensor: torch.Tensor | None,
-    timestep_value: int, eta: float, prediction_type: str, clip_sample: bool, clip_sample_range: float,
-    use_clipped_model_output: bool, variance_noise: torch.Tensor | None, philox_state: torch.Tensor | None,
-    uncond_output: torch.Tensor | None, guidance_scale: float, guidance_rescale: float, thresholding: bool = False,
-    dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
+    timestep_value: int, variance_noise: torch.Tensor | None, philox_state: torch.Tensor | None,
+    uncond_output: torch.Tensor | None, prediction_type: str, options: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    step_options = StepOptions.from_op_arguments(prediction_type, tuple(options))
     if philox_state is not None:
         raise ValueError("fastddim::ddim_step draws no noise in the kernel: use fastddim::ddim_step_philox")
-    return _triton_step(model_output, sample, table, timestep_tensor, timestep_value, eta, prediction_type,
-                        clip_sample, clip_sample_range, use_clipped_model_output, variance_noise, None,
-                        uncond_output, guidance_scale, guidance_rescale, thresholding, dynamic_thresholding_ratio,
-                        sample_max_value)
+    return _run_step_op(model_output, sample, table, timestep_tensor, timestep_value, variance_noise, None,
+                        uncond_output, step_options)
 
 
 @torch.library.custom_op("fastddim::ddim_step_philox", mutates_args=("philox_state",))
 def _triton_step_philox_op(
     model_output: torch.Tensor, sample: torch.Tensor, table: torch.Tensor, timestep_tensor: torch.Tensor | None,
-    timestep_value: int, eta: float, prediction_type: str, clip_sample: bool, clip_sample_range: float,
-    use_clipped_model_output: bool, variance_noise: torch.Tensor | None, philox_state: torch.Tensor,
-    uncond_output: torch.Tensor | None, guidance_scale: float, guidance_rescale: float, thresholding: bool = False,
-    dynamic_thresholding_ratio: float = 0.995, sample_max_value: float = 1.0,
+    timestep_value: int, variance_noise: torch.Tensor | None, philox_state: torch.Tensor,
+    uncond_output: torch.Tensor | None, prediction_type: str, options: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _triton_step(model_output, sample, table, timestep_tensor, timestep_value, eta, prediction_type,
-                        clip_sample, clip_sample_range, use_clipped_model_output, variance_noise, philox_state,
-                        uncond_output, guidance_scale, guidance_rescale, thresholding, dynamic_thresholding_ratio,
-                        sample_max_value)
+    step_options = StepOptions.from_op_arguments(prediction_type, tuple(options))
+    return _run_step_op(model_output, sample, table, timestep_tensor, timestep_value, variance_noise, philox_state,
+                        uncond_output, step_options)
 
 
-def _fake_step(model_output, sample, table, timestep_tensor, timestep_value, eta, prediction_type, clip_sample,
-               clip_sample_range, use_clipped_model_output, variance_noise, philox_state, uncond_output,
-               guidance_scale, guidance_rescale, thresholding=False, dynamic_thresholding_ratio=0.995,
-               sample_max_value=1.0):
+def _run_step_op(model_output, sample, table, timestep_tensor, timestep_value, variance_noise, philox_state,
+                 uncond_output, options: StepOptions):
+    timestep = timestep_tensor if timestep_tensor is not None else timestep_value
+    return plan_for(model_output, sample, table, timestep, options, variance_noise, philox_state, uncond_output,
+                    "triton").run(model_output, sample, table, timestep, variance_noise, philox_state,
+                                  uncond_output)
+
+
+def _fake_step(model_output, sample, table, timestep_tensor, timestep_value, variance_noise, philox_state,
+               uncond_output, prediction_type, options):
     from fastddim.kernels.ddim import allocate_outputs
 
     outputs, _, _ = allocate_outputs(model_output, sample, uncond_output, variance_noise, philox_state is not None)

@@ -132,13 +132,9 @@ class DDIMParallelScheduler(DDIMScheduler, *diffusers_bases("scheduling_ddim_par
         ops.check_step_inputs(model_output, sample)
         timesteps = self._resolve_batch_timesteps(timesteps, sample)
         thresholding = self.config.thresholding
-        prev_sample, _ = ops.dispatch(
-            model_output, sample, self._no_noise_table_on(sample.device), timesteps, eta=0.0,
-            thresholding=thresholding, use_clipped_model_output=use_clipped_model_output,
-            backend=ops.select_backend(sample.device),
-            process_group=self.threshold_process_group if thresholding else None,
-            write_pred_original_sample=False, **self._config_step_options(),
-        )
+        options = self._step_options(0.0, use_clipped_model_output, thresholding, 1.0, 0.0, False)
+        prev_sample, _ = ops.dispatch(model_output, sample, self._no_noise_table_on(sample.device), timesteps,
+                                      options, process_group=self.threshold_process_group if thresholding else None)
         return prev_sample
 
     def _resolve_batch_timesteps(self, timesteps, sample: torch.Tensor):

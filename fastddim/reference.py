@@ -15,11 +15,10 @@ import math
 import torch
 
 from fastddim import threshold as _threshold
+from fastddim.plan import PREDICTION_TYPES, StepOptions
 from fastddim.schedule import (
     BETA_PREV, SQRT_ALPHA_PREV, SQRT_ALPHA_T, SQRT_BETA_T, VARIANCE, as_table, noise_scales,
 )
-
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -168,30 +167,32 @@ def ddim_step(
     sample: torch.Tensor,
     table: torch.Tensor,
     timestep=None,
-    eta: float = 0.0,
-    prediction_type: str = "epsilon",
-    clip_sample: bool = False,
-    clip_sample_range: float = 1.0,
-    thresholding: bool = False,
-    dynamic_thresholding_ratio: float = 0.995,
-    sample_max_value: float = 1.0,
-    use_clipped_model_output: bool = False,
+    options: StepOptions | None = None,
     variance_noise: torch.Tensor | None = None,
     philox_state: torch.Tensor | None = None,
     uncond_output: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
-    guidance_rescale: float = 0.0,
-    write_prev_sample: bool = True,
-    write_pred_original_sample: bool = True,
     process_group=None,
+    **option_values,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """One DDIM step; returns `(prev_sample, pred_original_sample)` in the promoted dtype of the inputs (None for
     an output not asked for).
 
-    Arguments as `fastddim.kernels.ddim_step` (plus thresholding); `table` is `fastddim.schedule.step_table`,
-    on the CPU (or a list of its rows) for an int timestep, on the timestep's device otherwise. Arguments are trusted:
-    `fastddim.ops.ddim_step` checks them.
+    Arguments as `fastddim.kernels.ddim_step` (the settings as `options`, a `fastddim.plan.StepOptions`, or as
+    keywords); `table` is `fastddim.schedule.step_table`, on the CPU (or a list of its rows) for an int timestep,
+    on the timestep's device otherwise. `process_group`: with thresholding, the samples are sharded across its
+    processes. Arguments are trusted: `fastddim.ops.ddim_step` checks them.
     """
+    if options is None:
+        options = StepOptions(**option_values)
+    elif option_values:
+        raise TypeError("pass the step's settings either as options or as keywords, not both")
+    eta, prediction_type, guidance_scale, guidance_rescale = (
+        options.eta, options.prediction_type, options.guidance_scale, options.guidance_rescale)
+    clip_sample, clip_sample_range, use_clipped_model_output = (
+        options.clip_sample, options.clip_sample_range, options.use_clipped_model_output)
+    thresholding, dynamic_thresholding_ratio, sample_max_value = (
+        options.thresholding, options.dynamic_thresholding_ratio, options.sample_max_value)
+    write_prev_sample, write_pred_original_sample = options.write_prev_sample, options.write_pred_original_sample
     table, timestep = as_table(table, timestep)
     out_dtype = torch.promote_types(model_output.dtype, sample.dtype)
     math_dtype = compute_dtype(out_dtype)

@@ -23,6 +23,7 @@ from fastddim.config import (  # noqa: F401
     DIFFUSERS_AVAILABLE, BaseOutput, SchedulerConfigMixin, SchedulerMixin, diffusers_bases, register_to_config,
 )
 from fastddim.noise import PhiloxGenerator, randn_tensor
+from fastddim.plan import StepOptions
 from fastddim.schedule import (
     BETA_PREV,
     BETA_SCHEDULES,
@@ -321,7 +322,7 @@ class _DDIMBase(SchedulerConfigMixin):
             num_inference_steps (`int`): the number of steps, from 1 to `num_train_timesteps`.
             device (`str` or `torch.device`, *optional*): where `timesteps` is placed.
         """
-        self._config_step_options()  # the config may have been written to since
+        self._config_options()  # the config may have been written to since
         num_train = self.config.num_train_timesteps
         num_inference_steps = _check_num_inference_steps(self, num_inference_steps)
         timesteps = inference_timesteps(num_train, num_inference_steps, self.config.timestep_spacing,
@@ -332,15 +333,17 @@ class _DDIMBase(SchedulerConfigMixin):
         if device is not None:
             self._table_on(torch.device(device))
 
-    def _resolve_timestep(self, timestep, sample: torch.Tensor):
-        """An int (checked against the table) for host timesteps; device tensors stay on the device unread."""
+    def _resolve_timestep(self, timestep, sample):
+        """An int (checked against the table) for host timesteps; device tensors stay on the device unread (their
+        dtype and shape are checked with the step's plan, see ops.dispatch)."""
         num_train = len(self.__dict__["_alphas_cumprod"])  # one per training timestep (checked when set)
         if type(timestep) is int and 0 <= timestep < num_train:  # the common case, kept short
             return timestep
-        timestep = ops.check_timestep(timestep, sample.shape[0] if sample.dim() else 1)
+        if isinstance(timestep, torch.Tensor) and (not timestep.is_cpu or torch.compiler.is_compiling()):
+            return timestep  # no host read: a timestep outside the table gives NaN (see kernels/ddim.py)
+        batch = sample.shape[0] if isinstance(sample, torch.Tensor) and sample.dim() else 1
+        timestep = ops.check_timestep(timestep, batch)
         if isinstance(timestep, torch.Tensor):
-            if timestep.device.type != "cpu" or torch.compiler.is_compiling():
-                return timestep  # no host read: a timestep outside the table gives NaN (see kernels/ddim.py)
             if timestep.numel() == 1:
                 timestep = int(timestep.item())
             else:
@@ -377,50 +380,68 @@ class _DDIMBase(SchedulerConfigMixin):
                   guidance_rescale=0.0, thresholding=False, return_dict=True, process_group=None):
         if self.num_inference_steps is None:
             raise ValueError("num_inference_steps is not set: call set_timesteps(num_inference_steps) before step")
-        ops.check_step_inputs(model_output, sample, variance_noise, uncond_output)
         timestep = self._resolve_timestep(timestep, sample)
-        if eta > 1 and isinstance(timestep, int):
-            row = self._table[timestep]
-            if float(row[BETA_PREV]) - eta * eta * float(row[VARIANCE]) < 0:
+        if eta > 1 and type(timestep) is int:
+            row = self._host_rows[timestep]
+            if row[BETA_PREV] - eta * eta * row[VARIANCE] < 0:
                 raise ValueError(
                     f"eta={eta} is too large at timestep {timestep}: 1 - alpha_prev - eta^2 * variance < 0 "
                     "(diffusers would return NaN there); use eta <= 1"
                 )
-        backend = ops.select_backend(sample.device)
         process_group = process_group if thresholding else None
-        host_row = isinstance(timestep, int) and backend == "torch"
-        table = self._host_rows if host_row else self._table_on(sample.device)
         write_x0 = self.write_pred_original_sample
         if write_x0 is not True and write_x0 is not False:
             raise TypeError(f"write_pred_original_sample must be True or False, got {write_x0!r}")
-        # Everything was checked above or at construction: skip ops.ddim_step's checks (a step on small
-        # tensors costs mostly Python).
-        prev_sample, pred_original_sample = ops.dispatch(
-            model_output, sample, table, timestep, eta=eta, thresholding=thresholding,
-            use_clipped_model_output=use_clipped_model_output, uncond_output=uncond_output,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, backend=backend,
-            process_group=process_group, variance_noise=variance_noise, philox_state=philox_state,
-            write_pred_original_sample=write_x0, **self._config_step_options(),
-        )
+        options = self._step_options(eta, use_clipped_model_output, thresholding, guidance_scale, guidance_rescale,
+                                     write_x0)
+        table = self._table if getattr(sample, "is_cpu", True) else self._table_on(sample.device)
+        # The tensors are checked once per step plan (ops.dispatch); the options were checked above or at
+        # construction.
+        prev_sample, pred_original_sample = ops.dispatch(model_output, sample, table, timestep, options,
+                                                         variance_noise, philox_state, uncond_output,
+                                                         process_group=process_group)
         if not return_dict:
             return (prev_sample, pred_original_sample)
         return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
 
-    def _config_step_options(self) -> dict:
-        """The step options the config sets, checked and cached until the config is written to or replaced
-        (pipelines replace it, e.g. to fix steps_offset; users set `scheduler.config.prediction_type = ...`)."""
+    def _config_options(self) -> tuple:
+        """(config, its write counter, the StepOptions cache): the config checked again, and the cache emptied,
+        when it was written to or replaced since the last step."""
         config = self.__dict__["_internal_dict"]
-        cached = self.__dict__.get("_step_options")
+        cached = self.__dict__.get("_options_cache")
         if cached is None or cached[0] is not config or cached[1] != config._writes:
             self._check_options(config)
-            options = dict(
-                prediction_type=config.prediction_type, clip_sample=config.clip_sample,
-                clip_sample_range=config.clip_sample_range,
+            cached = self._options_cache = (config, config._writes, {})
+        return cached
+
+    def _step_options(self, eta, use_clipped_model_output, thresholding, guidance_scale, guidance_rescale,
+                      write_pred_original_sample, write_prev_sample=True) -> StepOptions:
+        """The checked `StepOptions` of a step with these arguments and the config's settings, cached until the
+        config is written to or replaced (pipelines replace it, e.g. to fix steps_offset; users set
+        `scheduler.config.prediction_type = ...`)."""
+        cached = self._config_options()
+        config = cached[0]
+        key = (eta, use_clipped_model_output, thresholding, guidance_scale, guidance_rescale,
+               write_pred_original_sample, write_prev_sample)
+        # Traced by torch.compile, the options are built in the graph's Python: a cache lookup would add a guard on
+        # the cache's contents, which the traced call itself changes (a recompile at the second step).
+        compiling = torch.compiler.is_compiling()
+        options = None if compiling else cached[2].get(key)
+        if options is None:
+            options = StepOptions(
+                eta=eta, prediction_type=config.prediction_type, clip_sample=config.clip_sample,
+                clip_sample_range=config.clip_sample_range, thresholding=thresholding,
                 dynamic_thresholding_ratio=config.get("dynamic_thresholding_ratio", 0.995),
                 sample_max_value=config.get("sample_max_value", 1.0),
-            )
-            cached = self._step_options = (config, config._writes, options)
-        return cached[2]
+                use_clipped_model_output=use_clipped_model_output, guidance_scale=guidance_scale,
+                guidance_rescale=guidance_rescale, write_prev_sample=write_prev_sample,
+                write_pred_original_sample=write_pred_original_sample,
+            ).checked(guided=True)
+            if not compiling:
+                if len(cached[2]) >= 64:  # e.g. an eta sweep: keep the cache small
+                    cached[2].clear()
+                cached[2][key] = options
+        return options
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps

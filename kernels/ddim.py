@@ -17,7 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fastddim.plan import StepOptions
 from fastddim.schedule import ROW_WIDTH, as_table
+
+from .launch import DirectLauncher
 
 PREDICTION_CODES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 TIMESTEP_SCALAR, TIMESTEP_TENSOR, TIMESTEP_PER_SAMPLE = 0, 1, 2
@@ -436,14 +439,11 @@ def guidance_std_ratio(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale:
     return variance.clamp(min=0).sqrt()
 
 
-def allocate_outputs(model_output, sample, uncond_output=None, variance_noise=None, philox=False, write_prev=True,
-                     write_x0=True):
-    """The step's two outputs (None for one not written), whether the kernel may index all tensors by one flat
-    memory offset, and the inputs (made contiguous when their rank exceeds what the strided indexing handles).
-    Shared with the torch.compile fake implementation, so traced and real outputs have the same strides."""
-    out_dtype = torch.promote_types(model_output.dtype, sample.dtype)
-    inputs = [model_output, sample, uncond_output, variance_noise]
-    present = [t for t in inputs if t is not None]
+def output_layout(model_output, sample, uncond_output=None, variance_noise=None, philox=False) -> tuple[bool, bool]:
+    """(shared_dense, needs_contiguous): whether the kernel may index all tensors by one flat memory offset (the
+    outputs then take the inputs' layout), and whether the inputs must first be made contiguous (their rank
+    exceeds what the strided indexing handles)."""
+    present = [t for t in (model_output, sample, uncond_output, variance_noise) if t is not None]
     batch = sample.shape[0] if sample.dim() else 1
     shared_dense = (
         sample.dim() > 0
@@ -453,10 +453,22 @@ def allocate_outputs(model_output, sample, uncond_output=None, variance_noise=No
         # The Philox stream is indexed by logical position, which equals the memory offset only when contiguous.
         and (not philox or sample.is_contiguous())
     )
-    if sample.dim() > MAX_RANK and not shared_dense:
+    needs_contiguous = sample.dim() > MAX_RANK and not shared_dense
+    return shared_dense or needs_contiguous, needs_contiguous
+
+
+def allocate_outputs(model_output, sample, uncond_output=None, variance_noise=None, philox=False, write_prev=True,
+                     write_x0=True):
+    """The step's two outputs (None for one not written), whether the kernel may index all tensors by one flat
+    memory offset, and the inputs (made contiguous when their rank exceeds what the strided indexing handles).
+    Shared with the torch.compile fake implementation, so traced and real outputs have the same strides."""
+    out_dtype = torch.promote_types(model_output.dtype, sample.dtype)
+    inputs = [model_output, sample, uncond_output, variance_noise]
+    shared_dense, needs_contiguous = output_layout(model_output, sample, uncond_output, variance_noise, philox)
+    if needs_contiguous:
         inputs = [t.contiguous() if t is not None else None for t in inputs]
         sample = inputs[1]
-        shared_dense = True
+
     def allocate():
         if shared_dense:
             return torch.empty_like(sample, dtype=out_dtype)
@@ -465,29 +477,151 @@ def allocate_outputs(model_output, sample, uncond_output=None, variance_noise=No
     return (allocate() if write_prev else None, allocate() if write_x0 else None), shared_dense, inputs
 
 
-def ddim_step(
-    model_output: torch.Tensor,
-    sample: torch.Tensor,
-    table: torch.Tensor,
-    timestep=None,
-    eta: float = 0.0,
-    prediction_type: str = "epsilon",
-    clip_sample: bool = False,
-    clip_sample_range: float = 1.0,
-    use_clipped_model_output: bool = False,
-    variance_noise: torch.Tensor | None = None,
-    philox_state: torch.Tensor | None = None,
-    uncond_output: torch.Tensor | None = None,
-    guidance_scale: float = 1.0,
-    guidance_rescale: float = 0.0,
-    write_prev_sample: bool = True,
-    write_pred_original_sample: bool = True,
-    thresholding: bool = False,
-    dynamic_thresholding_ratio: float = 0.995,
-    sample_max_value: float = 1.0,
-    threshold_reduce=None,
-    thresholds: torch.Tensor | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+class StepLauncher:
+    """The fused step's launch for one specialization, prepared once: grid, constexprs and every scalar kernel
+    argument that depends only on the options and the tensors' dtypes, shapes, strides and devices. A call
+    allocates the outputs, fills in the data pointers and the timestep, and launches.
+
+    Args:
+        options (`fastddim.plan.StepOptions`): the step's settings (checked by the caller).
+        model_output, sample, table, timestep, variance_noise, philox_state, uncond_output: tensors (and the
+            timestep) with the properties of every later call's; see `ddim_step`. Only their dtypes, shapes,
+            strides and devices are read here, and whether the timestep is an int, one timestep or one per sample.
+        threshold_reduce (`Callable`, *optional*): for a thresholded sample sharded across processes, see
+            `ddim_step`.
+
+    Call it as `launcher(model_output, sample, table, timestep, variance_noise, philox_state, uncond_output)` with
+    tensors that have those properties (`fastddim.plan.PlanCache` keys on them); returns `(prev, x0)`. With
+    thresholding, `thresholds=` takes per-sample thresholds already found (see `ddim_step`).
+    """
+
+    def __init__(self, options, model_output, sample, table, timestep, variance_noise=None, philox_state=None,
+                 uncond_output=None, threshold_reduce=None):
+        self.options = options
+        self.threshold_reduce = threshold_reduce
+        self.out_dtype = torch.promote_types(model_output.dtype, sample.dtype)
+        self.shared_dense, self.needs_contiguous = output_layout(model_output, sample, uncond_output,
+                                                                 variance_noise, philox_state is not None)
+        if self.needs_contiguous:
+            model_output, sample, uncond_output, variance_noise = (
+                t.contiguous() if t is not None else None for t in (model_output, sample, uncond_output,
+                                                                     variance_noise))
+        self.n_elements = n_elements = sample.numel()
+        batch = sample.shape[0] if sample.dim() else 1
+        # Elements per sample (the outputs' batch stride when the layout is shared and dense).
+        self.per_sample = n_elements // batch if batch else 0
+        self.int64 = needs_int64(n_elements, [t for t in (model_output, sample, uncond_output, variance_noise)
+                                              if t is not None])
+        self.math_fp64 = self.out_dtype == torch.float64
+        if isinstance(timestep, torch.Tensor):
+            self.timestep_mode = TIMESTEP_PER_SAMPLE if timestep.numel() > 1 else TIMESTEP_TENSOR
+        else:
+            self.timestep_mode = TIMESTEP_SCALAR
+        self.noise_mode = (NOISE_TENSOR if variance_noise is not None else NOISE_PHILOX if philox_state is not None
+                           else NOISE_NONE)
+        self.guidance_mode = GUIDANCE_NONE
+        if uncond_output is not None:
+            self.guidance_mode = GUIDANCE_RESCALED if options.guidance_rescale != 0 else GUIDANCE_CFG
+
+        def strides_of(tensor):
+            return _padded(tensor.stride(), 0) if tensor is not None and not self.shared_dense else (0,) * MAX_RANK
+
+        sizes = _padded(sample.shape, 1) if not self.shared_dense else (1,) * MAX_RANK
+        # The kernel's scalar arguments after `timestep`, in parameter order.
+        self.scalar_arguments = (
+            table.shape[0], philox_state.shape[0] - 1 if philox_state is not None else 0,
+            float64_bits(options.eta), float64_bits(options.clip_sample_range),
+            float64_bits(options.guidance_scale), float64_bits(options.guidance_rescale),
+            n_elements, self.per_sample, *sizes[1:], *strides_of(model_output), *strides_of(uncond_output),
+            *strides_of(sample), *strides_of(variance_noise),
+        )
+        self.sample_programs = sample_programs(self.timestep_mode, self.guidance_mode, options.thresholding)
+        if self.sample_programs:
+            self.grid = (batch * triton.cdiv(self.per_sample, BLOCK_SIZE),)
+        else:
+            self.grid = (triton.cdiv(n_elements, BLOCK_SIZE),)
+        self.constexprs = dict(
+            PREDICTION=PREDICTION_CODES[options.prediction_type],
+            CLIP=bool(options.clip_sample),
+            USE_CLIPPED=bool(options.use_clipped_model_output),
+            TIMESTEP_MODE=self.timestep_mode,
+            NOISE=self.noise_mode,
+            GUIDANCE=self.guidance_mode,
+            STRIDED=not self.shared_dense,
+            SAMPLE_PROGRAMS=self.sample_programs,
+            INT64=self.int64,
+            MATH_FP64=self.math_fp64,
+            WRITE_PREV=bool(options.write_prev_sample),
+            WRITE_X0=bool(options.write_pred_original_sample),
+            THRESHOLD=bool(options.thresholding),
+            BLOCK=BLOCK_SIZE,
+        )
+
+    def allocate(self, sample: torch.Tensor) -> torch.Tensor:
+        if self.shared_dense:
+            return torch.empty_like(sample, dtype=self.out_dtype)
+        return torch.empty(sample.shape, dtype=self.out_dtype, device=sample.device)
+
+    def __call__(self, model_output, sample, table, timestep, variance_noise=None, philox_state=None,
+                 uncond_output=None, thresholds=None):
+        options = self.options
+        if self.needs_contiguous:
+            model_output, sample, uncond_output, variance_noise = (
+                t.contiguous() if t is not None else None for t in (model_output, sample, uncond_output,
+                                                                     variance_noise))
+        if self.shared_dense:  # the common case, kept short: this runs at every step
+            prev = torch.empty_like(sample, dtype=self.out_dtype) if options.write_prev_sample else None
+            x0 = torch.empty_like(sample, dtype=self.out_dtype) if options.write_pred_original_sample else None
+        else:
+            prev = self.allocate(sample) if options.write_prev_sample else None
+            x0 = self.allocate(sample) if options.write_pred_original_sample else None
+        if self.timestep_mode == TIMESTEP_SCALAR:
+            timestep_arg, timestep_ptr = int(timestep), table
+        else:
+            timestep_arg, timestep_ptr = 0, timestep
+        if self.n_elements == 0:
+            if philox_state is not None:
+                philox_state[:-1, 1].add_(1)  # a step moves the stream on even when it has nothing to draw
+            if options.thresholding and self.threshold_reduce is not None:
+                # An empty shard still takes part in the collectives of the other shards' thresholds.
+                from .threshold import sample_thresholds
+
+                sample_thresholds(model_output, sample, table, timestep, options.prediction_type,
+                                  options.dynamic_thresholding_ratio, options.sample_max_value, uncond_output,
+                                  options.guidance_scale, options.guidance_rescale, reduce=self.threshold_reduce)
+            return prev, x0
+        stats = table
+        if self.guidance_mode == GUIDANCE_RESCALED:
+            stats = guidance_std_ratio(model_output, uncond_output, options.guidance_scale)
+        threshold = table
+        if options.thresholding and thresholds is not None:
+            threshold = thresholds
+        elif options.thresholding:
+            from .threshold import threshold_scale  # threshold.py builds on this module's helpers
+
+            threshold = threshold_scale(
+                model_output, sample, table, timestep_arg, timestep_ptr, self.timestep_mode, options.prediction_type,
+                options.dynamic_thresholding_ratio, options.sample_max_value, uncond_output=uncond_output,
+                guidance_mode=self.guidance_mode, guidance_scale=options.guidance_scale,
+                guidance_rescale=options.guidance_rescale, stats=stats, shared_dense=self.shared_dense,
+                int64=self.int64, math_fp64=self.math_fp64, reduce=self.threshold_reduce,
+            )
+        arguments = (
+            model_output, uncond_output if uncond_output is not None else sample, sample,
+            variance_noise if variance_noise is not None else sample, prev if prev is not None else x0,
+            x0 if x0 is not None else prev,
+            table, timestep_ptr, philox_state if philox_state is not None else table, stats, threshold,
+            timestep_arg, *self.scalar_arguments,
+        )
+        # The kernel is looked up per call: one replaced at run time (a test's launch recorder) is launched.
+        _step_launcher(_ddim_step_kernel, self.grid, arguments, self.constexprs)
+        return prev, x0
+
+
+def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, table: torch.Tensor, timestep=None, options=None,
+              variance_noise: torch.Tensor | None = None, philox_state: torch.Tensor | None = None,
+              uncond_output: torch.Tensor | None = None, threshold_reduce=None, thresholds: torch.Tensor | None = None,
+              **option_values) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Fused DDIM step on the Triton kernel; returns `(prev_sample, pred_original_sample)`.
 
     Args:
@@ -497,116 +631,33 @@ def ddim_step(
         table: the float64 `fastddim.schedule.step_table` on the tensors' device.
         timestep: an int, a one-element integer tensor on the device, or a (batch,) integer tensor on the device
             (one timestep per sample). Timesteps outside the table give NaN. None: `table` is one table row.
-        eta: the noise weight; the noise term is `eta * sqrt(variance) * noise`.
-        prediction_type: "epsilon", "sample" or "v_prediction".
-        clip_sample, clip_sample_range: clamp pred_original_sample to [-range, range].
-        use_clipped_model_output: re-derive the noise prediction from the clipped pred_original_sample.
+        options (`fastddim.plan.StepOptions`, *optional*): the step's settings (eta, prediction_type, clip_sample,
+            clip_sample_range, use_clipped_model_output, guidance_scale, guidance_rescale, thresholding,
+            dynamic_thresholding_ratio, sample_max_value, write_prev_sample, write_pred_original_sample); or
+            pass those as keywords (`option_values`). With thresholding, the per-sample threshold is found exactly
+            by the radix-select passes of `kernels/threshold.py` (which read the inputs again, never a stored x0).
         variance_noise: standard normal noise of the sample's shape, or None.
         philox_state: instead of variance_noise, a `PhiloxGenerator.buffer` on the device: an int64 tensor of
             (rows + 1, 2): (seed, offset) rows, one per sample or one for the batch, then a ticket row of zeros. The
             kernel draws the noise itself (see `fastddim.reference.philox_normal`) and, in the same launch, adds 1
             to every offset.
-        uncond_output, guidance_scale, guidance_rescale: classifier-free guidance fused into the step: the
-            model output used is uncond + scale * (model_output - uncond), rescaled as diffusers'
-            `rescale_noise_cfg` when guidance_rescale > 0.
-        write_prev_sample, write_pred_original_sample: which outputs to write (an output not written is None):
-            skipping pred_original_sample saves a quarter of the step's memory traffic.
-        thresholding, dynamic_thresholding_ratio, sample_max_value: dynamic thresholding of x0 (takes
-            precedence over clipping): the per-sample threshold is found exactly by the radix-select passes of
-            `kernels/threshold.py` (which read the inputs again, never a stored x0), then applied in this step.
+        uncond_output: classifier-free guidance fused into the step: the model output used is
+            uncond + scale * (model_output - uncond), rescaled as diffusers' `rescale_noise_cfg` when
+            guidance_rescale > 0.
         threshold_reduce: for a sample sharded across processes, `reduce(tensor, op)` all-reduces ("sum" or
             "max") the threshold's per-sample counts in place (see `kernels.threshold.threshold_scale`).
         thresholds: with thresholding, the per-sample thresholds `sample_thresholds` already found for these
             inputs (the autograd forward keeps its order statistics for the backward); None: found here.
     """
+    if options is None:
+        options = StepOptions(**option_values)
+    elif option_values:
+        raise TypeError("pass the step's settings either as options or as keywords, not both")
     table, timestep = as_table(table, timestep)
-    (prev, x0), shared_dense, inputs = allocate_outputs(model_output, sample, uncond_output, variance_noise,
-                                                        philox_state is not None, write_prev_sample,
-                                                        write_pred_original_sample)
-    model_output, sample, uncond_output, variance_noise = inputs
-    out_dtype = torch.promote_types(model_output.dtype, sample.dtype)
-    batch = sample.shape[0] if sample.dim() else 1
-    inputs = [t for t in inputs if t is not None]
-    n_elements = sample.numel()
-    if n_elements == 0:
-        if philox_state is not None:
-            philox_state[:-1, 1].add_(1)  # a step moves the stream on even when it has nothing to draw
-        if thresholding and threshold_reduce is not None:
-            # An empty shard still takes part in the collectives of the other shards' thresholds.
-            from .threshold import sample_thresholds
+    launcher = StepLauncher(options, model_output, sample, table, timestep, variance_noise, philox_state,
+                            uncond_output, threshold_reduce)
+    return launcher(model_output, sample, table, timestep, variance_noise, philox_state, uncond_output,
+                    thresholds=thresholds)
 
-            sample_thresholds(model_output, sample, table, timestep, prediction_type, dynamic_thresholding_ratio,
-                              sample_max_value, uncond_output, guidance_scale, guidance_rescale,
-                              reduce=threshold_reduce)
-        return prev, x0
 
-    def strides_of(tensor):
-        return _padded(tensor.stride(), 0) if tensor is not None and not shared_dense else (0,) * MAX_RANK
-
-    sizes = _padded(sample.shape, 1) if not shared_dense else (1,) * MAX_RANK
-    if isinstance(timestep, torch.Tensor):
-        timestep_mode = TIMESTEP_PER_SAMPLE if timestep.numel() > 1 else TIMESTEP_TENSOR
-        timestep_arg, timestep_ptr = 0, timestep
-    else:
-        timestep_mode, timestep_arg, timestep_ptr = TIMESTEP_SCALAR, int(timestep), table
-    if variance_noise is not None:
-        noise_mode = NOISE_TENSOR
-    elif philox_state is not None:
-        noise_mode = NOISE_PHILOX
-    else:
-        noise_mode = NOISE_NONE
-    stats = table
-    guidance_mode = GUIDANCE_NONE
-    if uncond_output is not None:
-        guidance_mode = GUIDANCE_CFG
-        if guidance_rescale != 0:
-            guidance_mode = GUIDANCE_RESCALED
-            stats = guidance_std_ratio(model_output, uncond_output, guidance_scale)
-    int64 = needs_int64(n_elements, inputs)
-    math_fp64 = out_dtype == torch.float64
-    threshold = table
-    if thresholding and thresholds is not None:
-        threshold = thresholds
-    elif thresholding:
-        from .threshold import threshold_scale  # threshold.py builds on this module's helpers
-
-        threshold = threshold_scale(
-            model_output, sample, table, timestep_arg, timestep_ptr, timestep_mode, prediction_type,
-            dynamic_thresholding_ratio, sample_max_value, uncond_output=uncond_output, guidance_mode=guidance_mode,
-            guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, stats=stats,
-            shared_dense=shared_dense, int64=int64, math_fp64=math_fp64, reduce=threshold_reduce,
-        )
-    per_sample = n_elements // batch
-    by_sample = sample_programs(timestep_mode, guidance_mode, thresholding)
-    if by_sample:
-        grid = (batch * triton.cdiv(per_sample, BLOCK_SIZE),)
-    else:
-        grid = (triton.cdiv(n_elements, BLOCK_SIZE),)
-    _ddim_step_kernel[grid](
-        model_output, uncond_output if uncond_output is not None else sample, sample,
-        variance_noise if variance_noise is not None else sample, prev if prev is not None else x0,
-        x0 if x0 is not None else prev,
-        table, timestep_ptr, philox_state if philox_state is not None else table, stats, threshold,
-        timestep_arg, table.shape[0], philox_state.shape[0] - 1 if philox_state is not None else 0,
-        float64_bits(eta), float64_bits(clip_sample_range),
-        float64_bits(guidance_scale), float64_bits(guidance_rescale),
-        n_elements, per_sample,
-        *sizes[1:], *strides_of(model_output), *strides_of(uncond_output), *strides_of(sample),
-        *strides_of(variance_noise),
-        PREDICTION=PREDICTION_CODES[prediction_type],
-        CLIP=bool(clip_sample),
-        USE_CLIPPED=bool(use_clipped_model_output),
-        TIMESTEP_MODE=timestep_mode,
-        NOISE=noise_mode,
-        GUIDANCE=guidance_mode,
-        STRIDED=not shared_dense,
-        SAMPLE_PROGRAMS=by_sample,
-        INT64=int64,
-        MATH_FP64=math_fp64,
-        WRITE_PREV=prev is not None,
-        WRITE_X0=x0 is not None,
-        THRESHOLD=bool(thresholding),
-        BLOCK=BLOCK_SIZE,
-        **LAUNCH_OPTIONS,
-    )
-    return prev, x0
+_step_launcher = DirectLauncher(_ddim_step_kernel, LAUNCH_OPTIONS)

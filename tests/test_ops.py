@@ -75,7 +75,7 @@ def amplification(alphas, prediction_type, use_clipped_model_output):
 def calls(monkeypatch):
     """Which implementation each ops.ddim_step call reached: "torch" (reference) or "triton" (kernel)."""
     record = []
-    real_reference, real_kernel = reference.ddim_step, kernels.ddim_step
+    real_reference, real_kernel = reference.ddim_step, kernels.ddim.StepLauncher.__call__
 
     def reference_step(*args, **kwargs):
         record.append("torch")
@@ -86,7 +86,7 @@ def calls(monkeypatch):
         return real_kernel(*args, **kwargs)
 
     monkeypatch.setattr(reference, "ddim_step", reference_step)
-    monkeypatch.setattr(kernels, "ddim_step", kernel_step)
+    monkeypatch.setattr(kernels.ddim.StepLauncher, "__call__", kernel_step)
     return record
 
 

@@ -14,6 +14,7 @@ from conftest import DEVICE, assert_same_nonfinite, truth_alphas, truth_step
 import fastddim
 from fastddim import ops, reference
 from fastddim.graphs import CudaGraphCapture, GraphedLoop, GraphedStep
+from fastddim.plan import StepOptions
 from fastddim.noise import PhiloxGenerator
 
 SHAPE = (3, 4, 5, 6)
@@ -421,15 +422,15 @@ def test_compiled_guided_step_with_per_sample_timesteps(backend, dynamo_counters
 def test_custom_op_passes_torch_library_opcheck():
     scheduler = make_scheduler()
     table = scheduler._table_on(torch.device(DEVICE))
-    args = (randn(*SHAPE, seed=23), randn(*SHAPE, seed=24), table, torch.tensor(501, device=DEVICE), 0, 0.5,
-            "epsilon", True, 1.0, False, None, PhiloxGenerator(seeds=[1, 2, 3], device=DEVICE).buffer, None, 1.0,
-            0.0)
+    options = StepOptions(eta=0.5, clip_sample=True).op_arguments()
+    args = (randn(*SHAPE, seed=23), randn(*SHAPE, seed=24), table, torch.tensor(501, device=DEVICE), 0, None,
+            PhiloxGenerator(seeds=[1, 2, 3], device=DEVICE).buffer, None, *options)
     torch.library.opcheck(torch.ops.fastddim.ddim_step_philox.default, args)
     channels_last = (args[0].contiguous(memory_format=torch.channels_last),
                      args[1].contiguous(memory_format=torch.channels_last)) + args[2:]
     torch.library.opcheck(torch.ops.fastddim.ddim_step_philox.default, channels_last)
     noise = randn(*SHAPE, seed=25)
-    functional = args[:10] + (noise, None) + args[12:]
+    functional = args[:5] + (noise, None) + args[7:]
     torch.library.opcheck(torch.ops.fastddim.ddim_step.default, functional)
 
 

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 import fastddim
 from fastddim import kernels, ops, reference
 from fastddim import threshold as th
+from fastddim.plan import StepOptions
 from fastddim.schedule import step_table
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -430,9 +431,10 @@ def test_thresholded_step_under_torch_compile_matches_eager():
                              fullgraph=True)(model_output, sample, torch.tensor(100, device=DEVICE))
     for a, b in zip(compiled, eager):
         assert_identical(a, b)
+    options = StepOptions(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=3.0).op_arguments()
     torch.library.opcheck(torch.ops.fastddim.ddim_step.default,
-                          (model_output, sample, TABLE, torch.tensor(100, device=DEVICE), 0, 0.0, "epsilon", False,
-                           1.0, False, None, None, None, 1.0, 0.0, True, 0.9, 3.0))
+                          (model_output, sample, TABLE, torch.tensor(100, device=DEVICE), 0, None, None, None,
+                           *options))
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])

@@ -1,0 +1,102 @@
+"""GPU check of the direct launcher (kernels/launch.py): bit-identical results and host time per step call.
+
+    python bench/direct_launch_check.py            # needs CUDA and a validated triton (3.6.0)
+
+For several specializations (dtypes, an unaligned view, channels_last, per-sample timesteps, Philox noise) it
+runs each step twice through the JIT launch (direct launches off) and twice through the launcher (the first call
+of a specialization takes the JIT launch, the second the direct one) and requires identical outputs; then it
+prints the host time per `scheduler.step` call at 1x4x8x8 with direct launches on and off (perf_counter over
+back-to-back calls, the GPU synchronised between batches only). Exits 1 on a mismatch.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+import fastddim
+from fastddim import ops
+from fastddim.kernels import ddim, launch
+
+
+def cases():
+    scheduler = fastddim.DDIMScheduler()
+    scheduler.set_timesteps(50, device="cuda")
+    table = scheduler._table_on(torch.device("cuda"))
+    generator = torch.Generator("cuda").manual_seed(0)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=generator, device="cuda").to(dtype)
+
+    yield "fp32 int timestep", (randn(2, 4, 16, 16), randn(2, 4, 16, 16), table, 501), {}
+    yield "fp16 tensor timestep", (randn(2, 4, 16, 16, dtype=torch.float16), randn(2, 4, 16, 16,
+                                   dtype=torch.float16), table, scheduler.timesteps[10]), {}
+    unaligned = randn(2 * 4 * 16 * 16 + 1)[1:].view(2, 4, 16, 16)
+    yield "unaligned model_output", (unaligned, randn(2, 4, 16, 16), table, 501), {}
+    yield "channels_last", tuple(t.contiguous(memory_format=torch.channels_last) if isinstance(t, torch.Tensor) and
+                                 t.dim() == 4 else t for t in (randn(2, 4, 16, 16), randn(2, 4, 16, 16), table, 501)), {}
+    yield "per-sample timesteps", (randn(3, 4, 16, 16), randn(3, 4, 16, 16), table,
+                                   torch.tensor([981, 501, 21], device="cuda")), {}
+    yield "philox eta=1", (randn(2, 4, 16, 16), randn(2, 4, 16, 16), table, 501), dict(
+        eta=1.0, philox_state=fastddim.PhiloxGenerator(7, device="cuda").buffer)
+    yield "philox per-sample rows and timesteps", (randn(3, 4, 16, 16), randn(3, 4, 16, 16), table,
+                                                   torch.tensor([981, 501, 21], device="cuda")), dict(
+        eta=1.0, philox_state=fastddim.PhiloxGenerator(seeds=[7, 8, 9], device="cuda").buffer)
+    yield "thresholded", (randn(2, 4, 16, 16), randn(2, 4, 16, 16), table, 501), dict(
+        thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.0)
+    yield "guided rescaled bf16", (randn(2, 4, 16, 16, dtype=torch.bfloat16), randn(2, 4, 16, 16,
+                                   dtype=torch.bfloat16), table, 501), dict(
+        uncond_output=randn(2, 4, 16, 16, dtype=torch.bfloat16), guidance_scale=7.5, guidance_rescale=0.7)
+
+
+def host_time(fn, calls=2000, rounds=5) -> float:
+    for _ in range(100):
+        fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+        torch.cuda.synchronize()
+    return best * 1e6
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("needs CUDA")
+        return 1
+    launcher = ddim._step_launcher
+    print(f"triton {launch.triton.__version__}: direct launches {'on' if launcher.enabled else 'OFF (not validated)'}")
+    failed = False
+    for name, args, kwargs in cases():
+        launcher.enabled = False
+        ops.PLANS.clear()
+        # A generator buffer moves on with every step: both runs start from the same state.
+        saved = kwargs["philox_state"].clone() if "philox_state" in kwargs else None
+        expected = [ops.ddim_step(*args, **kwargs) for _ in range(2)]
+        if saved is not None:
+            kwargs["philox_state"].copy_(saved)
+        launcher.enabled = launch.direct_launch_supported()
+        launcher.compiled.clear()
+        ops.PLANS.clear()
+        got = [ops.ddim_step(*args, **kwargs) for _ in range(2)]
+        same = all(torch.equal(a, b) for e, g in zip(expected, got) for a, b in zip(e, g) if a is not None)
+        failed |= not same
+        print(f"{name}: {'identical' if same else 'MISMATCH'} ({len(launcher.compiled)} direct specialization)")
+    scheduler = fastddim.DDIMScheduler()
+    scheduler.set_timesteps(50, device="cuda")
+    m, x = torch.randn(1, 4, 8, 8, device="cuda"), torch.randn(1, 4, 8, 8, device="cuda")
+    t = scheduler.timesteps[10]
+    for enabled in (False, launch.direct_launch_supported()):
+        launcher.enabled = enabled
+        print(f"host time per step call, direct launches {'on' if enabled else 'off'}: "
+              f"{host_time(lambda: scheduler.step(m, t, x)):.1f} us")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

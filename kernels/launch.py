@@ -1,0 +1,141 @@
+"""Direct launches of compiled Triton kernels: the JIT's per-call work done once per specialization.
+
+`kernel[grid](*args, **constexprs)` binds every argument, computes the specialization key and looks the compiled
+kernel up on every call (15-24 µs of host time on an H100/H200, ../shared/notes/direct-launch.md), where the
+kernel itself runs for about 3 µs at latent sizes. `DirectLauncher` takes the `CompiledKernel` that the first
+JIT launch of a specialization returns, and later calls with the same specialization go straight to its `run`
+(4-5 µs). The specialization is keyed exactly as the JIT keys it (`specialization_key`): per argument the
+dtype and 16-byte alignment of a tensor, and for an int whether it equals 1 (then a constexpr), is divisible by
+16, and whether it fits int32, int64 or uint64; bools and floats are not specialized; plus the constexprs, the
+JIT options (debug, instrumentation mode), the launch options (`LAUNCH_OPTIONS`: no fp contraction) and the current
+device. Anything else takes the JIT launch:
+
+- the interpreter (TRITON_INTERPRET=1; it has no compiled kernels), CPU tensors, a triton version whose
+  `CompiledKernel.run` signature was not validated (`VALIDATED_TRITON_VERSIONS`), launch hooks (profilers),
+  and arguments of a type the key does not cover.
+
+The stream is the current stream at each call. A module is only ever loaded by the JIT launch (never here), so a
+direct launch is safe under CUDA-graph capture once the specialization ran eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+# Versions on which `CompiledKernel.run(grid_0, grid_1, grid_2, stream, function, packed_metadata,
+# launch_metadata, enter_hook, exit_hook, *args, *constexprs)` was read from the runtime (runtime/jit.py,
+# JITFunction.run) and the recipe measured. Triton 3.9.0's JITFunction.run calls the same signature, but its
+# keys gained entries (fpsan_homomorphic_casts, custom pipelines) that are not mirrored here: it stays on the JIT.
+VALIDATED_TRITON_VERSIONS = ("3.6.0",)
+
+INT32_MIN, INT32_MAX = -2**31, 2**31 - 1
+INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
+
+
+def _int_range(value: int) -> str:
+    if INT32_MIN <= value <= INT32_MAX:
+        return "i32"
+    if INT64_MIN <= value <= INT64_MAX:
+        return "i64"
+    return "u64"
+
+
+class Unsupported(TypeError):
+    """An argument the key does not cover: the call takes the JIT launch."""
+
+
+def specialization_key(args, do_not_specialize: frozenset[int] = frozenset()) -> tuple:
+    """What triton's JIT specializes a kernel on, for runtime arguments `args` (in the kernel's parameter order,
+    constexprs excluded); `do_not_specialize` holds the positions of parameters declared `do_not_specialize`.
+
+    Mirrors triton 3.6.0's `native_specialize_impl`: a tensor gives (dtype, data_ptr % 16 == 0); an int gives
+    ("constexpr", 1) when it equals 1, else its range ("i32", "i64", "u64") and whether it is divisible by 16;
+    a do-not-specialize int only its range; bools and floats their type; None stays None. Two argument lists
+    with equal keys run the same compiled binary. Raises `Unsupported` for any other argument.
+    """
+    key = []
+    for position, arg in enumerate(args):
+        kind = type(arg)
+        if kind is torch.Tensor or isinstance(arg, torch.Tensor):
+            key.append((arg.dtype, arg.data_ptr() % 16 == 0))
+        elif arg is None:
+            key.append(None)
+        elif kind is bool:
+            key.append("u1")
+        elif kind is int:
+            if position in do_not_specialize:
+                key.append(_int_range(arg))
+            elif arg == 1:
+                key.append(("constexpr", 1))
+            else:
+                key.append((_int_range(arg), arg % 16 == 0))
+        elif kind is float:
+            key.append("fp32")
+        else:
+            raise Unsupported(f"no direct launch for an argument of type {kind.__name__}")
+    return tuple(key)
+
+
+def direct_launch_supported(version: str | None = None, interpreted: bool | None = None) -> bool:
+    """Whether direct launches may be used at all: a validated triton version, compiled (not interpreted)."""
+    version = triton.__version__ if version is None else version
+    if interpreted is None:
+        from .ddim import INTERPRETED
+
+        interpreted = INTERPRETED
+    return version in VALIDATED_TRITON_VERSIONS and not interpreted
+
+
+class DirectLauncher:
+    """Launches one `@triton.jit` kernel, directly through its `CompiledKernel` once a specialization has run.
+
+    Args:
+        kernel (`triton.JITFunction`): the kernel.
+        launch_options (`dict`, *optional*): compile options of every launch (e.g. `{"enable_fp_fusion": False}`):
+            passed to the JIT launch, and part of the key.
+        enabled (`bool`, *optional*): force direct launches off (False); by default `direct_launch_supported()`.
+
+    Call it as `launcher(kernel, grid, args, constexprs)`: `args` are the runtime arguments in parameter order,
+    `constexprs` a dict of the constexpr values (also in parameter order, after the runtime arguments, as the
+    kernel declares them). `kernel` is passed per call so that a kernel replaced at run time (e.g. a test's
+    launch recorder) is the one launched; direct launches are only used while it is the kernel given here.
+    """
+
+    def __init__(self, kernel, launch_options: dict | None = None, enabled: bool | None = None):
+        self.kernel = kernel
+        self.launch_options = dict(launch_options or {})
+        self.launch_options_key = tuple(self.launch_options.items())
+        self.enabled = direct_launch_supported() if enabled is None else enabled
+        self.compiled: dict = {}
+        runtime_parameters = [p for p in getattr(kernel, "params", ()) if not p.is_constexpr]
+        self.do_not_specialize = frozenset(i for i, p in enumerate(runtime_parameters) if p.do_not_specialize)
+
+    def __call__(self, kernel, grid, args, constexprs: dict):
+        if not self.enabled or kernel is not self.kernel or not args[0].is_cuda:
+            return kernel[grid](*args, **constexprs, **self.launch_options)
+        from triton import knobs
+        from triton.runtime import driver
+
+        if knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls:
+            return kernel[grid](*args, **constexprs, **self.launch_options)
+        try:
+            device = driver.active.get_current_device()
+            key = (device, tuple(constexprs.items()), self.launch_options_key, knobs.runtime.debug,
+                   knobs.compilation.instrumentation_mode, specialization_key(args, self.do_not_specialize))
+        except Unsupported:
+            return kernel[grid](*args, **constexprs, **self.launch_options)
+        entry = self.compiled.get(key)
+        if entry is None:
+            compiled = kernel[grid](*args, **constexprs, **self.launch_options)
+            # Only a kernel the JIT launch has loaded (function set) is kept: a direct launch never loads one.
+            if getattr(compiled, "function", None) is not None:
+                self.compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata,
+                                      tuple(constexprs.values()))
+            return compiled
+        run, function, packed_metadata, constexpr_values = entry
+        stream = driver.active.get_current_stream(device)  # the current stream now, as the JIT takes it
+        grid_1 = grid[1] if len(grid) > 1 else 1
+        grid_2 = grid[2] if len(grid) > 2 else 1
+        run(grid[0], grid_1, grid_2, stream, function, packed_metadata, None, None, None, *args, *constexpr_values)
+        return None

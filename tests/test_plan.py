@@ -1,0 +1,483 @@
+"""Step plans (fastddim/plan.py, ops.plan_for) and the direct launcher's key (kernels/launch.py).
+
+A plan is built, and its checks run, once per (options, backend, tensors' dtypes, shapes, strides and devices,
+timestep kind); these tests check that it is reused across timesteps, rebuilt whenever any of those change (and
+then gives the right answer: compared with diffusers or with a step computed from a cleared cache), and that every
+bad input still gets its clear error after a plan for good inputs exists. The direct launcher's key is compared
+with triton's own specialization function on sample arguments; its fallback is checked in the interpreter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from triton.backends.compiler import BaseBackend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+import fastddim
+from fastddim import ops
+from fastddim.kernels import ddim as ddim_module
+from fastddim.kernels import launch
+from fastddim.plan import StepOptions
+from fastddim.schedule import step_table
+
+from conftest import DEVICE
+
+SHAPE = (2, 3, 8, 8)
+
+
+def randn(*shape, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator, dtype=dtype).to(DEVICE)
+
+
+@pytest.fixture
+def fresh_plans():
+    ops.PLANS.clear()
+    yield ops.PLANS
+    ops.PLANS.clear()
+
+
+def diffusers_step(config, timestep, model_output, sample, num_inference_steps=50, **kwargs):
+    diffusers = pytest.importorskip("diffusers")
+    # Every key as set (from_config would restore the defaults listed in _use_default_values).
+    scheduler = diffusers.DDIMScheduler(**{k: v for k, v in config.items() if not k.startswith("_")})
+    scheduler.set_timesteps(num_inference_steps)
+    return scheduler.step(model_output.cpu().double(), timestep, sample.cpu().double(), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Caching
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_one_plan_serves_every_timestep_of_a_loop(backend, fresh_plans):
+    scheduler = fastddim.DDIMScheduler()
+    scheduler.set_timesteps(50)
+    sample = randn(*SHAPE)
+    for i, t in enumerate(scheduler.timesteps):
+        timestep = int(t) if i % 2 else t  # ints and 0-d tensors, as pipelines pass them
+        sample = scheduler.step(randn(*SHAPE, seed=i + 1), timestep, sample).prev_sample
+    # One plan for prev_sample (pred_original_sample, never read here, is skipped or written by the same plan).
+    assert fresh_plans.builds == 1
+    assert torch.isfinite(sample).all()
+
+
+def test_functional_api_reuses_its_plan(backend, fresh_plans):
+    table = step_table(fastddim.DDIMScheduler().alphas_cumprod, 50, 1.0).to(DEVICE)
+    for t in (981, 501, 21):
+        ops.ddim_step(randn(*SHAPE), randn(*SHAPE, seed=1), table, t, eta=0.0, clip_sample=True)
+    assert fresh_plans.builds == 1
+    ops.ddim_step(randn(*SHAPE), randn(*SHAPE, seed=1), table, 21, eta=0.5, clip_sample=True,
+                  variance_noise=randn(*SHAPE, seed=2))
+    assert fresh_plans.builds == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Invalidation: anything a plan baked in changes, and the result is still right
+# ---------------------------------------------------------------------------------------------------------------
+
+VARIANTS = {
+    "float64": lambda m, x: (m.double(), x.double()),
+    "float16": lambda m, x: (m.half(), x.half()),
+    "mixed-dtypes": lambda m, x: (m.half(), x),
+    "batch-of-one": lambda m, x: (m[:1], x[:1]),
+    "other-shape": lambda m, x: (m[..., :5], x[..., :5].contiguous()),
+    "channels-last": lambda m, x: (m.contiguous(memory_format=torch.channels_last),
+                                   x.contiguous(memory_format=torch.channels_last)),
+    "transposed-sample": lambda m, x: (m, x.transpose(2, 3).contiguous().transpose(2, 3)),
+    "offset-view": lambda m, x: (torch.cat([m.flatten(), m.flatten()[:3]])[3:].view(SHAPE), x),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_changed_tensor_properties_get_a_new_plan_and_the_right_answer(backend, fresh_plans, variant):
+    """Each variant differs from the first call in one property the plan keys on (dtype, shape, strides, or only
+    the data pointer's alignment, which the plan must not bake in); its result equals the step computed with no
+    plan cached, and diffusers' float64 step within float32 rounding."""
+    table = step_table(fastddim.DDIMScheduler().alphas_cumprod, 50, 1.0).to(DEVICE)
+    ops.ddim_step(randn(*SHAPE), randn(*SHAPE, seed=1), table, 501)
+    builds = fresh_plans.builds
+    model_output, sample = VARIANTS[variant](randn(*SHAPE, seed=3), randn(*SHAPE, seed=4))
+    prev, x0 = ops.ddim_step(model_output, sample, table, 501)
+    assert fresh_plans.builds == builds + (variant != "offset-view")
+    fresh_plans.clear()
+    fresh_prev, fresh_x0 = ops.ddim_step(model_output, sample, table, 501)
+    assert torch.equal(prev, fresh_prev) and torch.equal(x0, fresh_x0)
+    assert prev.dtype == torch.promote_types(model_output.dtype, sample.dtype)
+    truth = diffusers_step(fastddim.DDIMScheduler(clip_sample=False).config, 501, model_output, sample)
+    tolerance = 1e-5 if prev.dtype in (torch.float32, torch.float64) else 2e-3
+    torch.testing.assert_close(prev.cpu().double(), truth.prev_sample, rtol=tolerance, atol=tolerance)
+
+
+def test_replaced_config_is_honoured(backend, fresh_plans):
+    """Pipelines replace a scheduler's config object (register_to_config); the next step follows the new one."""
+    scheduler = fastddim.DDIMScheduler()
+    scheduler.set_timesteps(50)
+    model_output, sample = randn(*SHAPE, seed=5), 3 * randn(*SHAPE, seed=6)
+    scheduler.step(model_output, 501, sample)
+    scheduler.register_to_config(prediction_type="v_prediction", clip_sample=False)
+    got = scheduler.step(model_output, 501, sample)
+    truth = diffusers_step(scheduler.config, 501, model_output, sample)
+    torch.testing.assert_close(got.prev_sample.cpu().double(), truth.prev_sample, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.pred_original_sample.cpu().double(), truth.pred_original_sample,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_set_timesteps_is_honoured(backend, fresh_plans):
+    scheduler = fastddim.DDIMScheduler()
+    scheduler.set_timesteps(50)
+    model_output, sample = randn(*SHAPE, seed=7), randn(*SHAPE, seed=8)
+    scheduler.step(model_output, 501, sample)
+    scheduler.set_timesteps(20)  # same timestep, other previous timestep: other coefficients
+    got = scheduler.step(model_output, 501, sample).prev_sample
+    truth = diffusers_step(scheduler.config, 501, model_output, sample, num_inference_steps=20)
+    torch.testing.assert_close(got.cpu().double(), truth.prev_sample, rtol=1e-5, atol=1e-5)
+
+
+def test_options_of_each_call_are_honoured(backend, fresh_plans):
+    scheduler = fastddim.DDIMScheduler()
+    scheduler.set_timesteps(50)
+    model_output, sample, noise = randn(*SHAPE, seed=9), randn(*SHAPE, seed=10), randn(*SHAPE, seed=11)
+    for eta, use_clipped in [(0.0, False), (1.0, False), (1.0, True), (0.5, True)]:
+        got = scheduler.step(model_output, 501, sample, eta=eta, use_clipped_model_output=use_clipped,
+                             variance_noise=noise).prev_sample
+        truth = diffusers_step(scheduler.config, 501, model_output, sample, eta=eta,
+                               use_clipped_model_output=use_clipped, variance_noise=noise.cpu().double())
+        torch.testing.assert_close(got.cpu().double(), truth.prev_sample, rtol=1e-5, atol=1e-5)
+
+
+def test_the_backend_setting_is_read_at_every_step(monkeypatch, fresh_plans, calls_by_backend):
+    scheduler = fastddim.DDIMScheduler()
+    scheduler.set_timesteps(50)
+    model_output, sample = randn(*SHAPE), randn(*SHAPE, seed=1)
+    for name in ("torch", "triton", "torch"):
+        monkeypatch.setenv("FASTDDIM_BACKEND", name)
+        calls_by_backend.clear()
+        scheduler.step(model_output, 501, sample, return_dict=False)
+        assert calls_by_backend == [name]
+
+
+@pytest.fixture
+def calls_by_backend(monkeypatch):
+    from fastddim import reference
+
+    record = []
+    real_reference, real_launch = reference.ddim_step, ddim_module.StepLauncher.__call__
+
+    def reference_step(*args, **kwargs):
+        record.append("torch")
+        return real_reference(*args, **kwargs)
+
+    def launcher_step(*args, **kwargs):
+        record.append("triton")
+        return real_launch(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "ddim_step", reference_step)
+    monkeypatch.setattr(ddim_module.StepLauncher, "__call__", launcher_step)
+    return record
+
+
+def test_host_rows_follow_an_in_place_change_of_the_table(monkeypatch, fresh_plans):
+    """The torch path reads an int timestep's coefficients from Python floats converted once per table: a table
+    changed in place (its version counter moves) is converted again."""
+    monkeypatch.setenv("FASTDDIM_BACKEND", "torch")
+    table = step_table(fastddim.DDIMScheduler().alphas_cumprod, 50, 1.0)
+    model_output, sample = randn(*SHAPE).cpu(), randn(*SHAPE, seed=1).cpu()
+    before, _ = ops.ddim_step(model_output, sample, table, 501)
+    table.copy_(step_table(fastddim.DDIMScheduler().alphas_cumprod, 20, 1.0))
+    after, _ = ops.ddim_step(model_output, sample, table, 501)
+    fresh_plans.clear()
+    expected, _ = ops.ddim_step(model_output, sample, table.clone(), 501)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks still run once a plan exists
+# ---------------------------------------------------------------------------------------------------------------
+
+BAD_SCHEDULER_CALLS = {
+    "model_output-shape": (lambda m, x: dict(model_output=m[:1]), ValueError, "model_output.*shape"),
+    "model_output-int": (lambda m, x: dict(model_output=m.int()), TypeError, "model_output.*floating"),
+    "model_output-numpy": (lambda m, x: dict(model_output=m.cpu().numpy()), TypeError, "model_output"),
+    "sample-list": (lambda m, x: dict(sample=x.tolist()), TypeError, "sample"),
+    "sample-device": (lambda m, x: dict(sample=torch.zeros(SHAPE, device="meta")), ValueError, "device"),
+    "timestep-too-large": (lambda m, x: dict(timestep=1000), ValueError, "timestep"),
+    "timestep-negative-tensor": (lambda m, x: dict(timestep=torch.tensor(-1)), ValueError, "timestep"),
+    "timestep-float-tensor": (lambda m, x: dict(timestep=torch.tensor(501.0, device=DEVICE)), TypeError,
+                              "timestep"),
+    "timestep-wrong-count": (lambda m, x: dict(timestep=torch.tensor([501, 401, 301], device=DEVICE)), ValueError,
+                             "timestep"),
+    "eta-true": (lambda m, x: dict(eta=True), TypeError, "eta"),
+    "eta-nan": (lambda m, x: dict(eta=math.nan), ValueError, "eta"),
+    "eta-too-large": (lambda m, x: dict(eta=50.0, variance_noise=torch.zeros_like(x)), ValueError, "eta"),
+    "noise-shape": (lambda m, x: dict(eta=1.0, variance_noise=x[:1]), ValueError, "variance_noise.*shape"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SCHEDULER_CALLS))
+def test_bad_inputs_raise_after_a_plan_for_good_ones_exists(backend, fresh_plans, case):
+    scheduler = fastddim.DDIMScheduler()
+    scheduler.set_timesteps(50)
+    model_output, sample = randn(*SHAPE), randn(*SHAPE, seed=1)
+    good = dict(model_output=model_output, timestep=501, sample=sample)
+    for eta in (0.0, 1.0):
+        scheduler.step(**good, eta=eta, variance_noise=torch.zeros_like(sample))
+    changes, error, pattern = BAD_SCHEDULER_CALLS[case]
+    with pytest.raises(error, match=pattern):
+        scheduler.step(**{**good, **changes(model_output, sample)})
+
+
+def test_functional_api_checks_options_at_every_call(backend, fresh_plans):
+    table = step_table(fastddim.DDIMScheduler().alphas_cumprod, 50, 1.0).to(DEVICE)
+    model_output, sample = randn(*SHAPE), randn(*SHAPE, seed=1)
+    ops.ddim_step(model_output, sample, table, 501, eta=1, variance_noise=torch.zeros_like(sample))
+    with pytest.raises(TypeError, match="eta"):  # True == 1 and hashes alike: the key alone would not catch it
+        ops.ddim_step(model_output, sample, table, 501, eta=True, variance_noise=torch.zeros_like(sample))
+    with pytest.raises(ValueError, match="prediction_type"):
+        ops.ddim_step(model_output, sample, table, 501, prediction_type="noise")
+    with pytest.raises(TypeError, match="either as options or as keywords"):
+        ops.ddim_step(model_output, sample, table, 501, options=StepOptions(), eta=0.5)
+
+
+def test_step_options_cross_the_custom_op_unchanged():
+    options = StepOptions(eta=0.3, prediction_type="v_prediction", clip_sample=True, clip_sample_range=2.0,
+                          thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5,
+                          use_clipped_model_output=True, guidance_scale=7.5, guidance_rescale=0.7)
+    prediction_type, values = options.op_arguments()
+    assert StepOptions.from_op_arguments(prediction_type, tuple(values)) == options
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The direct launcher: its key against triton's own specialization, and its fallbacks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def compiled_step_kernel() -> JITFunction:
+    """The step kernel as the compiler's JITFunction (conftest made the decorated one an interpreted function)."""
+    interpreted = ddim_module._ddim_step_kernel
+    return JITFunction(interpreted.fn, **interpreted.kwargs)
+
+
+def jit_specialization(kernel: JITFunction, args, constexprs) -> tuple:
+    """What triton 3.6's JITFunction.run keys its kernel cache on for these arguments (its binder, with the
+    base backend's alignment and divisibility rules)."""
+    binder = create_function_from_signature(kernel.signature, kernel.params, BaseBackend)
+    _, specialization, _ = binder(*args, **constexprs)
+    return tuple(specialization)
+
+
+def launch_arguments(variant: str):
+    """The step kernel's arguments as StepLauncher passes them, with one argument changed per variant."""
+    captured = {}
+
+    class Capture:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                captured.update(args=list(args), constexprs=kwargs)
+            return run
+
+    table = step_table(fastddim.DDIMScheduler().alphas_cumprod, 50, 1.0)
+    storage = torch.zeros(2 * math.prod(SHAPE) + 16)
+    model_output = storage[: math.prod(SHAPE)].view(SHAPE)
+    sample = storage[math.prod(SHAPE):2 * math.prod(SHAPE)].view(SHAPE)
+    timestep = 501
+    if variant == "misaligned-pointer":
+        model_output = storage[1:1 + math.prod(SHAPE)].view(SHAPE)
+    elif variant == "half-dtype":
+        model_output = model_output.half()
+    elif variant == "timestep-1":
+        timestep = 1  # do_not_specialize: no constexpr, no divisibility
+    elif variant == "timestep-16":
+        timestep = 16
+    elif variant == "one-row-table":
+        table = table[500:501]  # num_train_timesteps == 1: a constexpr to the JIT
+    elif variant == "table-of-16":
+        table = table[:16]
+    elif variant == "table-of-17":
+        table = table[:17]
+    original = ddim_module._ddim_step_kernel
+    ddim_module._ddim_step_kernel = Capture()
+    try:
+        ddim_module.ddim_step(model_output.cpu(), sample.cpu(), table, timestep, eta=0.5)
+    finally:
+        ddim_module._ddim_step_kernel = original
+    return captured["args"], captured["constexprs"]
+
+
+KEY_VARIANTS = ["base", "misaligned-pointer", "half-dtype", "timestep-1", "timestep-16", "one-row-table",
+                "table-of-16", "table-of-17"]
+
+
+def test_launch_key_separates_exactly_what_the_jit_separates():
+    kernel = compiled_step_kernel()
+    launcher = launch.DirectLauncher(kernel, enabled=False)
+    keys, specializations = {}, {}
+    for variant in KEY_VARIANTS:
+        args, constexprs = launch_arguments(variant)
+        keys[variant] = launch.specialization_key(args, launcher.do_not_specialize)
+        specializations[variant] = jit_specialization(kernel, args, constexprs)
+    for a in KEY_VARIANTS:
+        for b in KEY_VARIANTS:
+            assert (keys[a] == keys[b]) == (specializations[a] == specializations[b]), (a, b)
+    # The variants that must differ from the base do (and a do-not-specialize timestep does not).
+    assert specializations["timestep-1"] == specializations["base"] == specializations["timestep-16"]
+    for variant in ("misaligned-pointer", "half-dtype", "one-row-table", "table-of-16"):
+        assert keys[variant] != keys["base"], variant
+
+
+@pytest.mark.parametrize("value", [0, 1, 2, 15, 16, 17, 32, -16, -1, 2**31 - 16, 2**31 - 1, 2**31, 2**32, -2**31,
+                                   -2**31 - 1, 2**63 - 1, 2**63, 2**64 - 16, 0.5, 1.0, True, False, None])
+@pytest.mark.parametrize("do_not_specialize", [False, True])
+def test_launch_key_of_each_scalar_matches_triton(value, do_not_specialize):
+    from triton._C.libtriton import native_specialize_impl
+
+    kind, specialization = native_specialize_impl(BaseBackend, value, False, not do_not_specialize, True)
+    positions = frozenset({0}) if do_not_specialize else frozenset()
+    for other in [0, 1, 2, 16, 17, -1, 2**31, 2**31 - 1, 2**63, 2**64 - 16, 0.5, True, None]:
+        other_kind, other_specialization = native_specialize_impl(BaseBackend, other, False, not do_not_specialize,
+                                                                  True)
+        same_jit = (kind, specialization) == (other_kind, other_specialization)
+        same_key = launch.specialization_key([value], positions) == launch.specialization_key([other], positions)
+        assert same_jit == same_key, (value, other)
+
+
+def test_launch_key_of_tensors_matches_triton():
+    from triton._C.libtriton import native_specialize_impl
+
+    storage = torch.zeros(64)
+    tensors = [storage, storage[4:], storage[1:], storage.double(), storage.half()[8:], storage.half()[1:]]
+    for a in tensors:
+        for b in tensors:
+            same_jit = (native_specialize_impl(BaseBackend, a, False, True, True)
+                        == native_specialize_impl(BaseBackend, b, False, True, True))
+            assert same_jit == (launch.specialization_key([a]) == launch.specialization_key([b]))
+
+
+def test_launch_key_refuses_arguments_it_does_not_cover():
+    with pytest.raises(launch.Unsupported):
+        launch.specialization_key([np.float32(0.5)])
+    with pytest.raises(launch.Unsupported):
+        launch.specialization_key([(1, 2)])
+
+
+def test_direct_launches_only_on_validated_compiled_triton():
+    assert launch.direct_launch_supported("3.6.0", interpreted=False)
+    assert not launch.direct_launch_supported("3.6.0", interpreted=True)
+    for version in ("3.9.0", "3.7.0", "3.5.1", "3.6.1"):
+        assert not launch.direct_launch_supported(version, interpreted=False)
+    if ddim_module.INTERPRETED:
+        assert not ddim_module._step_launcher.enabled
+
+
+class RecordingKernel:
+    """Stands in for a JIT kernel: records launches through `kernel[grid](...)`."""
+
+    params = ()
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        def run(*args, **constexprs):
+            self.launches.append((grid, args, constexprs))
+            return None
+        return run
+
+
+def test_launcher_takes_the_jit_launch_where_it_cannot_launch_directly():
+    kernel = RecordingKernel()
+    args, constexprs = (torch.zeros(4), 3, 0.5), {"BLOCK": 4}
+    for launcher in (launch.DirectLauncher(kernel, enabled=False), launch.DirectLauncher(kernel, enabled=True)):
+        # Disabled (interpreter, unvalidated version), or enabled but with CPU tensors: always the JIT launch.
+        for _ in range(3):
+            launcher(kernel, (1,), args, constexprs)
+        assert launcher.compiled == {}
+    assert len(kernel.launches) == 6
+    assert all(launched == ((1,), args, constexprs) for launched in kernel.launches)
+    # A kernel other than the launcher's (e.g. replaced by a test's recorder) is launched itself, by the JIT.
+    other = RecordingKernel()
+    launch.DirectLauncher(kernel, enabled=True)(other, (2,), args, constexprs)
+    assert other.launches == [((2,), args, constexprs)] and len(kernel.launches) == 6
+
+
+def test_step_launches_carry_the_launch_options_and_the_per_sample_grid(fresh_plans):
+    """Every launch of the step kernel, JIT or direct, compiles without fp contraction (LAUNCH_OPTIONS), and a
+    prepared launch keeps main's per-sample programs (grid of batch x chunks per sample) and generator rows."""
+    assert ddim_module._step_launcher.launch_options == ddim_module.LAUNCH_OPTIONS == {"enable_fp_fusion": False}
+    kernel = RecordingKernel()
+    args, constexprs = (torch.zeros(4), 3, 0.5), {"BLOCK": 4}
+    launch.DirectLauncher(kernel, ddim_module.LAUNCH_OPTIONS, enabled=False)(kernel, (1,), args, constexprs)
+    assert kernel.launches == [((1,), args, {"BLOCK": 4, "enable_fp_fusion": False})]
+    table = step_table(torch.linspace(0.999, 0.01, 1000, dtype=torch.float64), 10, 1.0)
+    batch, per_sample = 3, 2 * ddim_module.BLOCK_SIZE + 5
+    model_output, sample = randn(batch, per_sample), randn(batch, per_sample, seed=1)
+    generator = fastddim.PhiloxGenerator(seeds=[1, 2, 3])
+    original, ddim_module._ddim_step_kernel = ddim_module._ddim_step_kernel, RecordingKernel()
+    try:
+        for timestep, by_sample in ((torch.tensor([500, 300, 100]), True), (torch.tensor(500), False)):
+            ddim_module._ddim_step_kernel.launches.clear()
+            ops.ddim_step(model_output, sample, table, timestep, eta=1.0, philox_state=generator.buffer,
+                          backend="triton")
+            (grid, launched, constexprs), = ddim_module._ddim_step_kernel.launches
+            assert constexprs["enable_fp_fusion"] is False and constexprs["SAMPLE_PROGRAMS"] == by_sample
+            blocks = math.ceil(per_sample / ddim_module.BLOCK_SIZE)
+            assert grid == ((batch * blocks,) if by_sample else (math.ceil(batch * per_sample /
+                                                                           ddim_module.BLOCK_SIZE),))
+            # rng_rows (after timestep and num_train_timesteps) and the elements per sample.
+            timestep_at = 11
+            assert launched[timestep_at + 1:timestep_at + 3] == (1000, batch)
+            assert launched[timestep_at + 7:timestep_at + 9] == (batch * per_sample, per_sample)
+    finally:
+        ddim_module._ddim_step_kernel = original
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GraphedStep on the caller's static buffers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_graphed_step_reads_the_callers_static_buffers_without_copies(monkeypatch):
+    from fastddim.graphs import GraphedStep
+
+    monkeypatch.setenv("FASTDDIM_BACKEND", "torch")  # on the CPU the graphed step runs eagerly: torch ops only
+    scheduler = fastddim.DDIMScheduler()
+    scheduler.set_timesteps(50)
+    model_buffer, sample_buffer = randn(*SHAPE, seed=12), randn(*SHAPE, seed=13)
+    graphed = GraphedStep(scheduler, sample_buffer, static_model_output=model_buffer, static_sample=sample_buffer)
+    assert graphed.static_model_output is model_buffer and graphed.static_sample is sample_buffer
+    with RecordOps() as recorded:
+        got = graphed(model_buffer, 501, sample_buffer).prev_sample.clone()
+    assert not [op for op in recorded.ops if op.startswith("aten.copy_")], recorded.ops
+    assert torch.equal(got, scheduler.step(model_buffer, 501, sample_buffer).prev_sample)
+    # Any other tensor is copied into the static buffer first.
+    doubled = 2 * model_buffer
+    got = graphed(doubled, 501, sample_buffer).prev_sample
+    assert torch.equal(model_buffer, doubled)
+    assert torch.equal(got, scheduler.step(doubled, 501, sample_buffer).prev_sample)
+
+
+@pytest.mark.parametrize("bad", ["shape", "dtype", "list"])
+def test_graphed_step_rejects_static_buffers_unlike_the_sample(bad):
+    from fastddim.graphs import GraphedStep
+
+    scheduler = fastddim.DDIMScheduler()
+    scheduler.set_timesteps(50)
+    sample = randn(*SHAPE)
+    buffer = {"shape": randn(1, 3, 8, 8), "dtype": sample.double(), "list": sample.tolist()}[bad]
+    with pytest.raises(ValueError, match="static_model_output"):
+        GraphedStep(scheduler, sample, static_model_output=buffer)
