@@ -9,8 +9,8 @@
 # device minutes, leaving room for one shorter rerun, e.g. BUDGET=200 PYTEST_ARGS="tests/test_kernels.py").
 # Every step runs under `timeout`, the benchmark first (its numbers are the point of a GPU session), the tests
 # in what is left.
-# Back under $OUT (the device tool returns at most 8 files): summary.txt, install.log, bench.log (both
-# benchmarks' output), bench.json, bench.md, pipeline.json, pipeline.md, tests.log.
+# Back under $OUT (the device tool returns at most 8 files): summary.txt (with the direct-launch check's
+# output), install.log, bench.log (both benchmarks' output), bench.json, bench.md, pipeline.json, pipeline.md, tests.log.
 # Keep the benchmarks: copy bench.json|md to bench/results/<device.short>.json|md (device.short is in bench.json)
 # and pipeline.json|md to bench/results/<device.short>-pipeline.json|md, and commit them. The script exits non-zero if any step failed or ran out of time.
 #
@@ -111,6 +111,14 @@ backend = ops.select_backend(torch.device("cuda"))
 print(f"backend on cuda: {backend}; interpreted: {ops.triton_interpreting()}")
 assert backend == "triton" and not ops.triton_interpreting()
 EOF
+
+# The direct launcher (kernels/launch.py) first: it must give the JIT launch's bits before any timing counts.
+if step "direct launch check" "$OUT/direct.log" 90 "$PYTHON" bench/direct_launch_check.py; then
+  note "$(tail -n 20 "$OUT/direct.log")"
+else
+  note "$(tail -n 40 "$OUT/direct.log")"
+fi
+rm -f "$OUT/direct.log"
 
 bench_limit=$(( $(left) - 120 < BENCH_LIMIT ? $(left) - 120 : BENCH_LIMIT ))
 if step "benchmark" "$OUT/bench.log" "$bench_limit" "$PYTHON" bench/run.py --out "$OUT/bench.json"; then

@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -35,6 +35,8 @@ TIMESTEP_INDEX = 10  # timesteps[10] = 780 for 50 "leading" steps of 1000
 THRESHOLD_MAX_VALUE = 1.5  # sample_max_value of thresholded cases: above diffusers' default 1.0, so the quantile matters
 ACCEPTANCE_SPEEDUP = 2.0  # fastddim's CPU step must be this many times faster than diffusers' at ACCEPTANCE_CASE
 FLOOR = "add floor"
+COMPILED = "diffusers compiled"
+GRAPH_LOOP_STEPS = 50
 METHOD = """\
 Both schedulers get the same configuration (diffusers' defaults, plus the case's prediction type or
 thresholding), `set_timesteps(50)`, the timestep `timesteps[10]` (780) as a Python int (in "t=tensor" cases
@@ -171,6 +173,11 @@ def relative_error(actual: torch.Tensor, truth: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(a - t) / torch.linalg.vector_norm(t))
 
 
+class StepOutputs(NamedTuple):
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None
+
+
 @dataclass
 class Prepared:
     """A case ready to time: zero-argument calls per contender, checked against the truth."""
@@ -181,8 +188,9 @@ class Prepared:
     truth: str  # what the outputs were checked against
 
 
-def prepare(case: Case, device="cpu", floor: bool = False, seed: int = 0) -> Prepared:
-    """Schedulers, inputs and step calls for `case` on `device`; raises AssertionError if a contender's
+def prepare(case: Case, device="cpu", floor: bool = False, seed: int = 0, compiled: bool = False) -> Prepared:
+    """Schedulers, inputs and step calls for `case` on `device` (with `compiled`, also diffusers' step under
+    torch.compile); raises AssertionError if a contender's
     prev_sample or pred_original_sample is off the float64 truth by more than RELATIVE_ERROR_BOUNDS."""
     device = torch.device(device)
     generator = torch.Generator(device).manual_seed(seed)
@@ -206,6 +214,11 @@ def prepare(case: Case, device="cpu", floor: bool = False, seed: int = 0) -> Pre
         name: functools.partial(scheduler.step, model_output, timestep, sample, eta=case.eta, variance_noise=noise)
         for name, scheduler in schedulers.items()
     }
+    if compiled and diffusers is not None:
+        # diffusers' step as torch.compile makes it (its default mode), the first call compiling it.
+        compiled_step = torch.compile(functools.partial(schedulers["diffusers"].step, model_output, timestep, sample,
+                                                        eta=case.eta, variance_noise=noise, return_dict=False))
+        steps[COMPILED] = lambda: StepOutputs(*compiled_step())
 
     # The truth: diffusers' step (else fastddim's) on the inputs upcast to float64, so every operation is float64.
     truth_scheduler = (diffusers or fastddim).DDIMScheduler(**config)
@@ -230,6 +243,35 @@ def prepare(case: Case, device="cpu", floor: bool = False, seed: int = 0) -> Pre
         out = torch.empty_like(sample)
         steps[FLOOR] = functools.partial(torch.add, model_output, sample, out=out)
     return Prepared(case, steps, errors, truth)
+
+
+def time_graph_loop(case: Case, device, steps: int = GRAPH_LOOP_STEPS, replays: int = 20) -> dict:
+    """GPU time per step inside one CUDA graph of a whole `steps`-step fastddim loop (`fastddim.graphs.GraphedLoop`,
+    the model replaced by a static tensor, eta > 0 with a PhiloxGenerator), median over `replays` replays timed
+    with CUDA events; {"error": text} where capture fails (a result, not a crash: the rest of the run goes on)."""
+    device = torch.device(device)
+    from fastddim.graphs import GraphedLoop
+
+    generator = torch.Generator(device).manual_seed(1)
+    model_output = torch.randn(case.shape, generator=generator, device=device).to(case.dtype)
+    sample = torch.randn(case.shape, generator=generator, device=device).to(case.dtype)
+    scheduler = fastddim.DDIMScheduler(**case.scheduler_config())
+    scheduler.set_timesteps(steps, device=device)
+    noise = fastddim.PhiloxGenerator(0, device=device) if case.eta > 0 else None
+    try:
+        loop = GraphedLoop(lambda x, t: model_output, scheduler, sample, eta=case.eta, generator=noise)
+        times = []
+        for _ in range(replays + 2):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            loop(sample)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / steps)
+    except Exception as error:  # noqa: BLE001 - reported in the results
+        return {"error": f"{type(error).__name__}: {error}"}
+    times = times[2:]
+    return {"median_us": statistics.median(times), "min_us": min(times), "steps": steps}
 
 
 def _calls_per_round(fn: Callable[[], object], round_seconds: float, sync: Callable[[], None]) -> int:
@@ -381,7 +423,7 @@ def run(device=None, quick: bool = False, cases=None, threads: int | None = 1, r
             "cases": [],
         }
         for case in cases:
-            prepared = prepare(case, device, floor=True)
+            prepared = prepare(case, device, floor=True, compiled=on_gpu)
             host = time_host(prepared.steps, rounds=rounds, round_seconds=1e-3 if quick else 2e-3,
                              warmup_seconds=0.02 if quick else 0.1, sync=sync, max_calls=50 if on_gpu else None)
             if on_gpu:
@@ -399,6 +441,7 @@ def run(device=None, quick: bool = False, cases=None, threads: int | None = 1, r
             }
             if on_gpu:
                 entry["host_speedup"] = _ratio(timings, "host_median_us")
+                entry["graph_loop"] = time_graph_loop(case, device)
             results["cases"].append(entry)
             if progress is not None:
                 progress(format_case(entry, on_gpu))
@@ -625,18 +668,22 @@ def format_table(results: dict) -> str:
     if on_gpu:
         lines += [
             "Microseconds per step, median (min). GPU: triton.testing.do_bench, L2 cleared; host: perf_counter over "
-            "back-to-back calls.",
+            "back-to-back calls; compiled: diffusers' step under torch.compile; in a 50-step graph: GPU time per "
+            "step of fastddim's whole loop captured as one CUDA graph (GraphedLoop, CUDA events).",
             "",
-            "| case | fastddim GPU | diffusers GPU | add floor GPU | GPU speedup | fastddim host | diffusers host "
-            "| host speedup |",
-            "|---|---|---|---|---|---|---|---|",
+            "| case | fastddim GPU | diffusers GPU | compiled GPU | add floor GPU | GPU speedup | fastddim host "
+            "| diffusers host | compiled host | host speedup | in a 50-step graph |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for c in results["cases"]:
             t = c["timings"]
+            graph = c.get("graph_loop") or {}
             lines.append(
-                f"| {c['name']} | {_cell(t['fastddim'])} | {_cell(t.get('diffusers'))} | {_cell(t[FLOOR])} | "
-                f"{_times(c['speedup'])} | {_cell(t['fastddim'], 'host_median_us', 'host_min_us')} | "
-                f"{_cell(t.get('diffusers'), 'host_median_us', 'host_min_us')} | {_times(c['host_speedup'])} |"
+                f"| {c['name']} | {_cell(t['fastddim'])} | {_cell(t.get('diffusers'))} | {_cell(t.get(COMPILED))} | "
+                f"{_cell(t[FLOOR])} | {_times(c['speedup'])} | {_cell(t['fastddim'], 'host_median_us', 'host_min_us')}"
+                f" | {_cell(t.get('diffusers'), 'host_median_us', 'host_min_us')} | "
+                f"{_cell(t.get(COMPILED), 'host_median_us', 'host_min_us')} | {_times(c['host_speedup'])} | "
+                f"{graph.get('error') or _cell(graph or None)} |"
             )
     else:
         lines += [
