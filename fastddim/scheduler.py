@@ -336,7 +336,7 @@ class _DDIMBase(SchedulerConfigMixin):
     def _resolve_timestep(self, timestep, sample):
         """An int (checked against the table) for host timesteps; device tensors stay on the device unread (their
         dtype and shape are checked with the step's plan, see ops.dispatch)."""
-        num_train = len(self.__dict__["_alphas_cumprod"])  # one per training timestep (checked when set)
+        num_train = self.__dict__["_alphas_cumprod"].shape[0]  # one per training timestep (checked when set)
         if type(timestep) is int and 0 <= timestep < num_train:  # the common case, kept short
             return timestep
         if isinstance(timestep, torch.Tensor) and (not timestep.is_cpu or torch.compiler.is_compiling()):

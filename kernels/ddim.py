@@ -499,6 +499,7 @@ class StepLauncher:
                  uncond_output=None, threshold_reduce=None):
         self.options = options
         self.threshold_reduce = threshold_reduce
+        self.launch_key = [None]  # the direct launcher's fixed part of this plan's key, computed at the first call
         self.out_dtype = torch.promote_types(model_output.dtype, sample.dtype)
         self.shared_dense, self.needs_contiguous = output_layout(model_output, sample, uncond_output,
                                                                  variance_noise, philox_state is not None)
@@ -614,7 +615,7 @@ class StepLauncher:
             timestep_arg, *self.scalar_arguments,
         )
         # The kernel is looked up per call: one replaced at run time (a test's launch recorder) is launched.
-        _step_launcher(_ddim_step_kernel, self.grid, arguments, self.constexprs)
+        _step_launcher(_ddim_step_kernel, self.grid, arguments, self.constexprs, self.launch_key, STEP_TENSORS)
         return prev, x0
 
 
@@ -661,3 +662,6 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, table: torch.Ten
 
 
 _step_launcher = DirectLauncher(_ddim_step_kernel, LAUNCH_OPTIONS)
+# The step kernel's leading tensor arguments (model_output ... threshold_ptr): their dtypes are fixed per step
+# plan, so the direct launcher keys a plan's launches on their alignment alone (see DirectLauncher.launch_key).
+STEP_TENSORS = 11

@@ -98,7 +98,7 @@ class DirectLauncher:
 
     Call it as `launcher(kernel, grid, args, constexprs)`: `args` are the runtime arguments in parameter order,
     `constexprs` a dict of the constexpr values (also in parameter order, after the runtime arguments, as the
-    kernel declares them). `kernel` is passed per call so that a kernel replaced at run time (e.g. a test's
+    kernel declares them); `plan_key` and `tensor_count`: see `launch_key`. `kernel` is passed per call so that a kernel replaced at run time (e.g. a test's
     launch recorder) is the one launched; direct launches are only used while it is the kernel given here.
     """
 
@@ -111,7 +111,28 @@ class DirectLauncher:
         runtime_parameters = [p for p in getattr(kernel, "params", ()) if not p.is_constexpr]
         self.do_not_specialize = frozenset(i for i, p in enumerate(runtime_parameters) if p.do_not_specialize)
 
-    def __call__(self, kernel, grid, args, constexprs: dict):
+    def launch_key(self, args, constexprs: dict, plan_key: list | None = None, tensor_count: int = 0) -> tuple:
+        """The key of a launch (without the device and the JIT's settings): equal keys run the same binary.
+
+        Without `plan_key` it is the whole specialization of `args`, computed argument by argument (about 12 µs
+        of Python for the step kernel's 44 arguments). A caller whose launches share everything but their
+        pointers and do-not-specialize ints (a step plan: dtypes, shapes, strides and options fixed) passes a
+        one-element list `plan_key` that it owns, and `tensor_count`, the number of leading tensor arguments:
+        the fixed part (constexprs, launch options, every specialized argument after the tensors) is computed
+        once into `plan_key[0]`, and each call adds only the tensors' dtypes and 16-byte alignment and the
+        do-not-specialize ints' ranges."""
+        if plan_key is None:
+            return (tuple(constexprs.items()), self.launch_options_key,
+                    specialization_key(args, self.do_not_specialize))
+        fixed = plan_key[0]
+        if fixed is None:
+            rest = [None if position in self.do_not_specialize else arg
+                    for position, arg in enumerate(args) if position >= tensor_count]
+            fixed = plan_key[0] = (tuple(constexprs.items()), self.launch_options_key, specialization_key(rest))
+        return (fixed, tuple((arg.dtype, arg.data_ptr() % 16 == 0) for arg in args[:tensor_count]),
+                tuple(_int_range(args[i]) for i in self.do_not_specialize))
+
+    def __call__(self, kernel, grid, args, constexprs: dict, plan_key: list | None = None, tensor_count: int = 0):
         if not self.enabled or kernel is not self.kernel or not args[0].is_cuda:
             return kernel[grid](*args, **constexprs, **self.launch_options)
         from triton import knobs
@@ -121,8 +142,8 @@ class DirectLauncher:
             return kernel[grid](*args, **constexprs, **self.launch_options)
         try:
             device = driver.active.get_current_device()
-            key = (device, tuple(constexprs.items()), self.launch_options_key, knobs.runtime.debug,
-                   knobs.compilation.instrumentation_mode, specialization_key(args, self.do_not_specialize))
+            key = (device, knobs.runtime.debug, knobs.compilation.instrumentation_mode,
+                   self.launch_key(args, constexprs, plan_key, tensor_count))
         except Unsupported:
             return kernel[grid](*args, **constexprs, **self.launch_options)
         entry = self.compiled.get(key)

@@ -481,3 +481,37 @@ def test_graphed_step_rejects_static_buffers_unlike_the_sample(bad):
     buffer = {"shape": randn(1, 3, 8, 8), "dtype": sample.double(), "list": sample.tolist()}[bad]
     with pytest.raises(ValueError, match="static_model_output"):
         GraphedStep(scheduler, sample, static_model_output=buffer)
+
+
+def test_plan_launch_keys_separate_exactly_what_the_jit_separates_within_a_plan(monkeypatch):
+    """A step plan's launches differ only in their pointers and timestep, so the direct launcher keys them on the
+    plan's fixed part (computed once) plus the tensors' dtypes and alignment and the do-not-specialize ints'
+    ranges (DirectLauncher.launch_key): two launches of one plan get equal keys exactly when triton's JIT
+    specializes them equally (an unaligned view, a timestep of 1 or 16, which the JIT does not specialize)."""
+    kernel = compiled_step_kernel()
+    launcher = launch.DirectLauncher(kernel, enabled=False)
+    recorded = []
+
+    class Recorder:
+        def __call__(self, kernel, grid, args, constexprs, plan_key=None, tensor_count=0):
+            recorded.append((args, constexprs, plan_key, tensor_count))
+
+    scheduler = fastddim.DDIMScheduler()
+    scheduler.set_timesteps(50)
+    storage = torch.randn(2 * 256 + 1, device=DEVICE)
+    aligned, misaligned, sample = storage[:256].view(1, 4, 8, 8), storage[1:257].view(1, 4, 8, 8), storage[257:]
+    sample = sample.view(1, 4, 8, 8).clone()
+    monkeypatch.setenv("FASTDDIM_BACKEND", "triton")
+    monkeypatch.setattr(ddim_module, "_step_launcher", Recorder())
+    for model_output, timestep in ((aligned, 780), (misaligned, 780), (aligned, 1), (aligned, 16),
+                                   (aligned.clone(), 999)):
+        scheduler.step(model_output, timestep, sample)
+    assert len(recorded) == 5 and all(r[2] is recorded[0][2] for r in recorded), "one plan for all five launches"
+    keys = [launcher.launch_key(args, constexprs, plan_key, tensor_count)
+            for args, constexprs, plan_key, tensor_count in recorded]
+    specializations = [jit_specialization(kernel, args, constexprs) for args, constexprs, _, _ in recorded]
+    for i in range(5):
+        for j in range(5):
+            assert (keys[i] == keys[j]) == (specializations[i] == specializations[j]), (i, j)
+    assert keys[0] != keys[1] and keys[0] == keys[2] == keys[3] == keys[4]
+    assert recorded[0][2][0] is not None  # the fixed part was computed once and kept with the plan
