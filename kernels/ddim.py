@@ -96,10 +96,11 @@ def _divide(numerator, denominator, MATH_FP64: tl.constexpr):
 
 @triton.jit
 def _step_coefficients(table_ptr, timestep_ptr, timestep, num_train_timesteps, eta, sample,
-                       TIMESTEP_MODE: tl.constexpr):
-    """(sqrt_alpha_t, sqrt_beta_t, sqrt_alpha_prev, direction, std) as float64 scalars, for the `timestep`
-    argument (mode 0), timestep_ptr[0] (mode 1) or timestep_ptr[sample] (mode 2, `sample` being the index of the
-    one sample the calling program works on): computed once per program, never per element."""
+                       TIMESTEP_MODE: tl.constexpr, MATH_FP64: tl.constexpr):
+    """(sqrt_alpha_t, sqrt_beta_t, sqrt_alpha_prev, direction, std) for the `timestep` argument (mode 0),
+    timestep_ptr[0] (mode 1) or timestep_ptr[sample] (mode 2, `sample` being the index of the one sample the
+    calling program works on): computed in float64 once per program, never per element, and rounded once to the
+    math dtype (float32, or float64 with MATH_FP64)."""
     if TIMESTEP_MODE == 0:
         t = timestep
     elif TIMESTEP_MODE == 1:
@@ -120,7 +121,12 @@ def _step_coefficients(table_ptr, timestep_ptr, timestep, num_train_timesteps, e
     radicand = beta_prev64 - std64 * std64
     # Below zero is rounding when eta <= 1; with eta > 1 it is a true NaN, as in diffusers.
     direction64 = tl.sqrt(tl.where(radicand < 0.0, tl.where(eta <= 1.0, 0.0, radicand), radicand))
-    return sqrt_alpha_t64, sqrt_beta_t64, sqrt_alpha_prev64, direction64, std64
+    if MATH_FP64:
+        math_dtype = tl.float64
+    else:
+        math_dtype = tl.float32
+    return (sqrt_alpha_t64.to(math_dtype), sqrt_beta_t64.to(math_dtype), sqrt_alpha_prev64.to(math_dtype),
+            direction64.to(math_dtype), std64.to(math_dtype))
 
 
 @triton.jit
@@ -271,17 +277,12 @@ def _ddim_step_kernel(
             batch = offsets // batch_stride
             within = offsets - batch * batch_stride
 
-    sqrt_alpha_t64, sqrt_beta_t64, sqrt_alpha_prev64, direction64, std64 = _step_coefficients(
-        table_ptr, timestep_ptr, timestep, num_train_timesteps, eta, sample, TIMESTEP_MODE)
-
+    sqrt_alpha_t, sqrt_beta_t, sqrt_alpha_prev, direction, std = _step_coefficients(
+        table_ptr, timestep_ptr, timestep, num_train_timesteps, eta, sample, TIMESTEP_MODE, MATH_FP64)
     if MATH_FP64:
         math_dtype = tl.float64
     else:
         math_dtype = tl.float32
-    sqrt_alpha_t = sqrt_alpha_t64.to(math_dtype)
-    sqrt_beta_t = sqrt_beta_t64.to(math_dtype)
-    sqrt_alpha_prev = sqrt_alpha_prev64.to(math_dtype)
-    direction = direction64.to(math_dtype)
 
     x0, eps, x = _predicted_x0_eps(model_output_ptr, uncond_ptr, sample_ptr, stats_ptr, m_offsets, u_offsets,
                                    x_offsets, sample, mask, sqrt_alpha_t, sqrt_beta_t, guidance_scale_bits,
@@ -301,10 +302,10 @@ def _ddim_step_kernel(
     prev = sqrt_alpha_prev * x0 + direction * eps
     if NOISE == 1:
         noise = tl.load(noise_ptr + n_offsets, mask=mask).to(math_dtype)
-        prev = prev + std64.to(math_dtype) * noise
+        prev = prev + std * noise
     elif NOISE == 2:
         noise = _philox_noise(rng_ptr, rng_rows, batch, within, mask).to(math_dtype)
-        prev = prev + std64.to(math_dtype) * noise
+        prev = prev + std * noise
 
     if WRITE_PREV:
         tl.store(prev_ptr + offsets, prev.to(prev_ptr.dtype.element_ty), mask=mask)

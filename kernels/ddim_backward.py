@@ -72,16 +72,12 @@ def _ddim_step_backward_kernel(
     mask = within < per_sample
     batch = within * 0 + sample_index
 
-    sqrt_alpha_t64, sqrt_beta_t64, sqrt_alpha_prev64, direction64, std64 = _step_coefficients(
-        table_ptr, timestep_ptr, timestep, num_train_timesteps, eta, sample_index, TIMESTEP_MODE)
+    sqrt_alpha_t, sqrt_beta_t, sqrt_alpha_prev, direction, std = _step_coefficients(
+        table_ptr, timestep_ptr, timestep, num_train_timesteps, eta, sample_index, TIMESTEP_MODE, MATH_FP64)
     if MATH_FP64:
         math_dtype = tl.float64
     else:
         math_dtype = tl.float32
-    sqrt_alpha_t = sqrt_alpha_t64.to(math_dtype)
-    sqrt_beta_t = sqrt_beta_t64.to(math_dtype)
-    sqrt_alpha_prev = sqrt_alpha_prev64.to(math_dtype)
-    direction = direction64.to(math_dtype)
 
     if HAS_GRAD_PREV:
         grad_prev = tl.load(grad_prev_ptr + offsets, mask=mask, other=0.0).to(math_dtype)
@@ -157,7 +153,7 @@ def _ddim_step_backward_kernel(
     if WRITE_SAMPLE:
         tl.store(grad_sample_ptr + offsets, grad_sample.to(grad_sample_ptr.dtype.element_ty), mask=mask)
     if WRITE_NOISE:
-        tl.store(grad_noise_ptr + offsets, (std64.to(math_dtype) * grad_prev).to(grad_noise_ptr.dtype.element_ty),
+        tl.store(grad_noise_ptr + offsets, (std * grad_prev).to(grad_noise_ptr.dtype.element_ty),
                  mask=mask)
 
 

@@ -143,13 +143,9 @@ def _threshold_pass_kernel(
 
     # The sample's coefficients, once per program (float64 scalars).
     coefficients = _step_coefficients(table_ptr, timestep_ptr, timestep, num_train_timesteps, 0.0, b,
-                                      TIMESTEP_MODE)
-    if MATH_FP64:
-        math_dtype = tl.float64
-    else:
-        math_dtype = tl.float32
-    sqrt_alpha_t = coefficients[0].to(math_dtype)
-    sqrt_beta_t = coefficients[1].to(math_dtype)
+                                      TIMESTEP_MODE, MATH_FP64)
+    sqrt_alpha_t = coefficients[0]
+    sqrt_beta_t = coefficients[1]
     zero = tl.zeros([BLOCK], dtype=tl.int32)
     low = zero
     window = zero
