@@ -11,6 +11,7 @@ traced as it is.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import os
@@ -53,6 +54,10 @@ def backend_setting():
         return os.environ.get("FASTDDIM_BACKEND")
     value = _ENVIRON.get(_BACKEND_VARIABLE)
     return value if value is None else os.environ.decodevalue(value)
+
+
+# FASTDDIM_BACKEND as it is stored (bytes on POSIX), read without a Python frame: what step memos key on.
+backend_setting_raw = functools.partial(_ENVIRON.get, _BACKEND_VARIABLE) if _ENVIRON is not None else backend_setting
 
 
 def select_backend(device: torch.device) -> str:
@@ -290,7 +295,7 @@ def plan_for(model_output, sample, table, timestep, options: StepOptions, varian
     the timestep's kind and the process group; arguments that cannot be keyed go to the checks uncached."""
     try:
         # tensor_key written out for the three tensors every step has: this runs at every step.
-        key = (options, backend, _ENVIRON.get(_BACKEND_VARIABLE) if _ENVIRON is not None else backend_setting(),
+        key = (options, backend, backend_setting_raw(),
                model_output.dtype, model_output.shape, model_output.stride(), model_output.device,
                sample.dtype, sample.shape, sample.stride(), sample.device,
                table.dtype, table.shape, table.stride(), table.device,

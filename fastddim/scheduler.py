@@ -23,7 +23,7 @@ from fastddim.config import (  # noqa: F401
     DIFFUSERS_AVAILABLE, BaseOutput, SchedulerConfigMixin, SchedulerMixin, diffusers_bases, register_to_config,
 )
 from fastddim.noise import PhiloxGenerator, randn_tensor
-from fastddim.plan import StepOptions
+from fastddim.plan import StepOptions, tensor_key
 from fastddim.schedule import (
     BETA_PREV,
     BETA_SCHEDULES,
@@ -85,6 +85,24 @@ class DDIMSchedulerOutput(_OutputFields):
             OrderedDict.__setitem__(self, "pred_original_sample", pred_original_sample)
 
 
+_new_output = DDIMSchedulerOutput.__new__
+_set_item = OrderedDict.__setitem__
+
+
+def _step_output(prev_sample: torch.Tensor, pred_original_sample: torch.Tensor | None) -> DDIMSchedulerOutput:
+    """`DDIMSchedulerOutput(prev_sample, pred_original_sample)` for a step's outputs (tensors or None), built
+    field by field as its __init__ builds it, at half its cost: this runs at every step."""
+    output = _new_output(DDIMSchedulerOutput)
+    fields = output.__dict__
+    fields["prev_sample"] = prev_sample
+    fields["pred_original_sample"] = pred_original_sample
+    if prev_sample is not None:
+        _set_item(output, "prev_sample", prev_sample)
+    if pred_original_sample is not None:
+        _set_item(output, "pred_original_sample", pred_original_sample)
+    return output
+
+
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
@@ -139,6 +157,28 @@ class _Snapshot:
         if self.version is not None:
             return current._version != self.version
         return self.copy is not None and not torch.equal(current, self.copy)
+
+
+class _StepMemo:
+    """A scheduler's last step plan (`fastddim.plan.StepPlan`), its table, and the key of the step it was made for
+    (see `_DDIMBase._run_step`), with the version counters of the tensors the table was built from (alphas_cumprod
+    and a boundary alpha product given as a tensor): it serves while they are unchanged in place."""
+
+    __slots__ = ("key", "plan", "table", "alphas", "alphas_version", "boundary", "boundary_version")
+
+    @classmethod
+    def of(cls, key, plan, table, table_state):
+        """The memo of a step, or None when the table's inputs carry no version counter (inference tensors, whose
+        values `_Snapshot` compares at each step instead)."""
+        alphas, boundary = table_state[0], table_state[1]
+        if alphas.version is None or boundary.copy is not None:
+            return None
+        memo = cls()
+        memo.key, memo.plan, memo.table = key, plan, table
+        memo.alphas, memo.alphas_version = alphas.value, alphas.version
+        memo.boundary, memo.boundary_version = (boundary.value, boundary.version) if boundary.version is not None \
+            else (None, None)
+        return memo
 
 
 def _schedule_attribute(name: str, check, doc: str) -> property:
@@ -243,6 +283,7 @@ class _DDIMBase(SchedulerConfigMixin):
             self.alphas = 1.0 - self.betas
             self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         self._schedule_config = {k: self.config.get(k) for k in SCHEDULE_KEYS}
+        self._num_train = num_train_timesteps  # alphas_cumprod keeps this length (checked when assigned)
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
         self._device_tables = {}
@@ -336,9 +377,7 @@ class _DDIMBase(SchedulerConfigMixin):
     def _resolve_timestep(self, timestep, sample):
         """An int (checked against the table) for host timesteps; device tensors stay on the device unread (their
         dtype and shape are checked with the step's plan, see ops.dispatch)."""
-        num_train = self.__dict__["_alphas_cumprod"].shape[0]  # one per training timestep (checked when set)
-        if type(timestep) is int and 0 <= timestep < num_train:  # the common case, kept short
-            return timestep
+        num_train = self.__dict__["_num_train"]
         if isinstance(timestep, torch.Tensor) and (not timestep.is_cpu or torch.compiler.is_compiling()):
             return timestep  # no host read: a timestep outside the table gives NaN (see kernels/ddim.py)
         batch = sample.shape[0] if isinstance(sample, torch.Tensor) and sample.dim() else 1
@@ -375,12 +414,26 @@ class _DDIMBase(SchedulerConfigMixin):
             on_device = cached[1][device] = alphas.detach().to(device=device, dtype=torch.float64)
         return on_device
 
-    def _run_step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False,
-                  variance_noise=None, philox_state=None, uncond_output=None, guidance_scale=1.0,
-                  guidance_rescale=0.0, thresholding=False, return_dict=True, process_group=None):
-        if self.num_inference_steps is None:
+    def _run_step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
+                  variance_noise=None, return_dict=True, uncond_output=None, guidance_scale=1.0, guidance_rescale=0.0,
+                  process_group=None):
+        """Every scheduler's step: `step` (with `uncond_output`, `guided_step`) of diffusers' arguments."""
+        state = self.__dict__
+        if state.get("_num_inference_steps") is None:
             raise ValueError("num_inference_steps is not set: call set_timesteps(num_inference_steps) before step")
-        timestep = self._resolve_timestep(timestep, sample)
+        if type(timestep) is not int or not 0 <= timestep < state["_num_train"]:
+            timestep = self._resolve_timestep(timestep, sample)
+        eta = ops.check_eta(eta)
+        if generator is not None and variance_noise is not None:
+            raise ValueError("pass either generator or variance_noise, not both")
+        philox_state = None
+        if eta == 0:
+            variance_noise = None  # diffusers draws no noise at eta 0 and ignores variance_noise
+        elif isinstance(generator, PhiloxGenerator):
+            philox_state = generator.buffer  # the step draws from it and moves it on, in one launch (checked there)
+        elif variance_noise is None and isinstance(model_output, torch.Tensor):
+            variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                                          dtype=model_output.dtype)
         if eta > 1 and type(timestep) is int:
             row = self._host_rows[timestep]
             if row[BETA_PREV] - eta * eta * row[VARIANCE] < 0:
@@ -388,21 +441,67 @@ class _DDIMBase(SchedulerConfigMixin):
                     f"eta={eta} is too large at timestep {timestep}: 1 - alpha_prev - eta^2 * variance < 0 "
                     "(diffusers would return NaN there); use eta <= 1"
                 )
-        process_group = process_group if thresholding else None
+        thresholding = state["_internal_dict"].get("thresholding", False)
+        if thresholding and process_group is None:
+            process_group = self.threshold_process_group
+        elif not thresholding:
+            process_group = None
         write_x0 = self.write_pred_original_sample
         if write_x0 is not True and write_x0 is not False:
             raise TypeError(f"write_pred_original_sample must be True or False, got {write_x0!r}")
+        key = None
+        if not torch.compiler.is_compiling():
+            # The last step's plan and table serve this one while everything they were made from is the same:
+            # the table's state and the config (each replaced or counted when written), the arguments, the
+            # tensors' dtypes, shapes, strides and devices, FASTDDIM_BACKEND: one tuple comparison. The table's
+            # inputs may also change in place: their version counters are compared below.
+            try:
+                config = state["_internal_dict"]
+                key = (state.get("_table_state"), config, config._writes, eta, use_clipped_model_output,
+                       thresholding, guidance_scale, guidance_rescale, write_x0, process_group, ops.backend_setting_raw(),
+                       int if type(timestep) is int else tensor_key(timestep),
+                       model_output.dtype, model_output.shape, model_output.stride(), model_output.device,
+                       sample.dtype, sample.shape, sample.stride(), sample.device,
+                       None if variance_noise is None else tensor_key(variance_noise),
+                       None if philox_state is None else tensor_key(philox_state),
+                       None if uncond_output is None else tensor_key(uncond_output),
+                       # autograd.requires_grad, written out (a call costs more): memos are made without grad.
+                       torch.is_grad_enabled() and (
+                           model_output.requires_grad or sample.requires_grad
+                           or (uncond_output is not None and uncond_output.requires_grad)
+                           or (variance_noise is not None and variance_noise.requires_grad)))
+            except (AttributeError, TypeError):  # not tensors: the checks of the full path name the argument
+                key = None
+            memo = state.get("_step_memo")
+            if memo is not None and key == memo.key and memo.alphas._version == memo.alphas_version and (
+                memo.boundary is None or memo.boundary._version == memo.boundary_version
+            ):
+                prev_sample, pred_original_sample = memo.plan.run(model_output, sample, memo.table, timestep,
+                                                                  variance_noise, philox_state, uncond_output)
+                if not return_dict:
+                    return (prev_sample, pred_original_sample)
+                return _step_output(prev_sample, pred_original_sample)
+        if philox_state is not None and isinstance(sample, torch.Tensor):
+            ops.check_philox_state(philox_state, sample, name="generator")
         options = self._step_options(eta, use_clipped_model_output, thresholding, guidance_scale, guidance_rescale,
                                      write_x0)
         table = self._table if getattr(sample, "is_cpu", True) else self._table_on(sample.device)
-        # The tensors are checked once per step plan (ops.dispatch); the options were checked above or at
+        # The tensors are checked once per step plan (ops.plan_for); the options were checked above or at
         # construction.
-        prev_sample, pred_original_sample = ops.dispatch(model_output, sample, table, timestep, options,
-                                                         variance_noise, philox_state, uncond_output,
-                                                         process_group=process_group)
+        if key is None or key[-1]:  # compiling, not tensors, or recorded for autograd
+            prev_sample, pred_original_sample = ops.dispatch(model_output, sample, table, timestep, options,
+                                                             variance_noise, philox_state, uncond_output,
+                                                             process_group=process_group)
+        else:
+            plan = ops.plan_for(model_output, sample, table, timestep, options, variance_noise, philox_state,
+                                uncond_output, process_group=process_group)
+            # Keyed on the table state as it is now (the table may have been rebuilt above).
+            self._step_memo = _StepMemo.of((state["_table_state"], *key[1:]), plan, table, state["_table_state"])
+            prev_sample, pred_original_sample = plan.run(model_output, sample, table, timestep, variance_noise,
+                                                         philox_state, uncond_output)
         if not return_dict:
             return (prev_sample, pred_original_sample)
-        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
+        return _step_output(prev_sample, pred_original_sample)
 
     def _config_options(self) -> tuple:
         """(config, its write counter, the StepOptions cache): the config checked again, and the cache emptied,
@@ -571,8 +670,8 @@ class DDIMScheduler(_DDIMBase, *diffusers_bases("scheduling_ddim", "DDIMSchedule
         Returns:
             `DDIMSchedulerOutput` or `tuple`: `(prev_sample, pred_original_sample)`.
         """
-        return self._noisy_step(model_output, timestep, sample, eta, use_clipped_model_output, generator,
-                                variance_noise, return_dict)
+        return self._run_step(model_output, timestep, sample, eta, use_clipped_model_output, generator,
+                              variance_noise, return_dict)
 
     def guided_step(
         self,
@@ -605,31 +704,14 @@ class DDIMScheduler(_DDIMBase, *diffusers_bases("scheduling_ddim", "DDIMSchedule
             guidance_rescale (`float`, defaults to 0.0): the weight of the std-rescaled guidance, from
                 "Common Diffusion Noise Schedules and Sample Steps are Flawed" (section 3.4).
         """
-        return self._noisy_step(noise_pred_cond, timestep, sample, eta, use_clipped_model_output, generator,
-                                variance_noise, return_dict, uncond_output=noise_pred_uncond,
-                                guidance_scale=ops.check_real("guidance_scale", guidance_scale),
-                                guidance_rescale=ops.check_real("guidance_rescale", guidance_rescale, minimum=0.0),
-                                process_group=process_group)
-
-    def _noisy_step(self, model_output, timestep, sample, eta, use_clipped_model_output, generator, variance_noise,
-                    return_dict, process_group=None, **guidance):
-        eta = ops.check_eta(eta)
-        if generator is not None and variance_noise is not None:
-            raise ValueError("pass either generator or variance_noise, not both")
-        philox_state = None
-        if eta == 0:
-            variance_noise = None  # diffusers draws no noise at eta 0 and ignores variance_noise
-        elif isinstance(generator, PhiloxGenerator):
-            if isinstance(sample, torch.Tensor):
-                ops.check_philox_state(generator.buffer, sample, name="generator")
-            philox_state = generator.buffer  # the step draws from it and moves it on, in one launch
-        elif variance_noise is None and isinstance(model_output, torch.Tensor):
-            variance_noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device,
-                                          dtype=model_output.dtype)
-        return self._run_step(model_output, timestep, sample, eta, use_clipped_model_output, variance_noise,
-                              philox_state, thresholding=self.config.thresholding, return_dict=return_dict,
-                              process_group=process_group if process_group is not None
-                              else self.threshold_process_group, **guidance)
+        # Floats are checked with the step's options (a NaN or inf fails there); other types here, with a clear error.
+        if type(guidance_scale) is not float:
+            guidance_scale = ops.check_real("guidance_scale", guidance_scale)
+        if type(guidance_rescale) is not float:
+            guidance_rescale = ops.check_real("guidance_rescale", guidance_rescale, minimum=0.0)
+        return self._run_step(noise_pred_cond, timestep, sample, eta, use_clipped_model_output, generator,
+                              variance_noise, return_dict, noise_pred_uncond, guidance_scale, guidance_rescale,
+                              process_group)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps) -> torch.Tensor:
         """Forward diffusion: sqrt(alpha_t) * original_samples + sqrt(1 - alpha_t) * noise.

@@ -500,7 +500,6 @@ class StepLauncher:
                  uncond_output=None, threshold_reduce=None):
         self.options = options
         self.threshold_reduce = threshold_reduce
-        self.launch_key = [None]  # the direct launcher's fixed part of this plan's key, computed at the first call
         self.out_dtype = torch.promote_types(model_output.dtype, sample.dtype)
         self.shared_dense, self.needs_contiguous = output_layout(model_output, sample, uncond_output,
                                                                  variance_noise, philox_state is not None)
@@ -558,6 +557,11 @@ class StepLauncher:
             THRESHOLD=bool(options.thresholding),
             BLOCK=BLOCK_SIZE,
         )
+        self.prepared_launch = _step_launcher.prepare(self.constexprs, STEP_TENSORS)
+        self.write_prev, self.write_x0 = bool(options.write_prev_sample), bool(options.write_pred_original_sample)
+        # Nothing to do before the launch, outputs like the sample: `__call__`'s short path.
+        self.plain = (self.shared_dense and not self.needs_contiguous and self.out_dtype == sample.dtype
+                      and n_elements > 0 and not options.thresholding and self.guidance_mode != GUIDANCE_RESCALED)
 
     def allocate(self, sample: torch.Tensor) -> torch.Tensor:
         if self.shared_dense:
@@ -566,17 +570,34 @@ class StepLauncher:
 
     def __call__(self, model_output, sample, table, timestep, variance_noise=None, philox_state=None,
                  uncond_output=None, thresholds=None):
+        if self.plain:  # the common case, kept short: this runs at every step
+            prev = torch.empty_like(sample) if self.write_prev else None
+            x0 = torch.empty_like(sample) if self.write_x0 else None
+            scalar = self.timestep_mode == TIMESTEP_SCALAR
+            arguments = (
+                model_output, uncond_output if uncond_output is not None else sample, sample,
+                variance_noise if variance_noise is not None else sample, prev if prev is not None else x0,
+                x0 if x0 is not None else prev, table, table if scalar else timestep,
+                philox_state if philox_state is not None else table, table, table, int(timestep) if scalar else 0,
+                *self.scalar_arguments,
+            )
+            # The kernel is looked up per call: one replaced at run time (a test's launch recorder) is launched.
+            _step_launcher(_ddim_step_kernel, self.grid, arguments, self.prepared_launch)
+            return prev, x0
+        return self.launch(model_output, sample, table, timestep, variance_noise, philox_state, uncond_output,
+                           thresholds)
+
+    def launch(self, model_output, sample, table, timestep, variance_noise=None, philox_state=None,
+               uncond_output=None, thresholds=None):
+        """Every case of `__call__`: inputs made contiguous, outputs in another dtype or layout, an empty sample,
+        the guidance statistics and the threshold found first."""
         options = self.options
         if self.needs_contiguous:
             model_output, sample, uncond_output, variance_noise = (
                 t.contiguous() if t is not None else None for t in (model_output, sample, uncond_output,
                                                                      variance_noise))
-        if self.shared_dense:  # the common case, kept short: this runs at every step
-            prev = torch.empty_like(sample, dtype=self.out_dtype) if options.write_prev_sample else None
-            x0 = torch.empty_like(sample, dtype=self.out_dtype) if options.write_pred_original_sample else None
-        else:
-            prev = self.allocate(sample) if options.write_prev_sample else None
-            x0 = self.allocate(sample) if options.write_pred_original_sample else None
+        prev = self.allocate(sample) if options.write_prev_sample else None
+        x0 = self.allocate(sample) if options.write_pred_original_sample else None
         if self.timestep_mode == TIMESTEP_SCALAR:
             timestep_arg, timestep_ptr = int(timestep), table
         else:
@@ -616,7 +637,7 @@ class StepLauncher:
             timestep_arg, *self.scalar_arguments,
         )
         # The kernel is looked up per call: one replaced at run time (a test's launch recorder) is launched.
-        _step_launcher(_ddim_step_kernel, self.grid, arguments, self.constexprs, self.launch_key, STEP_TENSORS)
+        _step_launcher(_ddim_step_kernel, self.grid, arguments, self.prepared_launch)
         return prev, x0
 
 

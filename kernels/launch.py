@@ -87,6 +87,29 @@ def direct_launch_supported(version: str | None = None, interpreted: bool | None
     return version in VALIDATED_TRITON_VERSIONS and not interpreted
 
 
+class PreparedLaunch:
+    """What the launches of one step plan share, prepared once by `DirectLauncher.prepare`.
+
+    Attributes:
+        constexprs (`dict`): the constexpr values by name, in the kernel's parameter order.
+        constexpr_values (`tuple`): their values, as `CompiledKernel.run` takes them after the runtime arguments.
+        jit_kwargs (`dict`): the JIT launch's keyword arguments: the constexprs and the launch options, merged once.
+        tensor_count (`int` or None): the number of leading tensor arguments whose dtypes the plan fixes; None when
+            nothing but the constexprs is fixed (every call keys all its arguments).
+        fixed_key (`tuple` or None): the key's part that is the same for every launch of the plan, computed at
+            the first launch (see `DirectLauncher.launch_key`).
+    """
+
+    __slots__ = ("constexprs", "constexpr_values", "jit_kwargs", "tensor_count", "fixed_key")
+
+    def __init__(self, constexprs: dict, launch_options: dict, tensor_count: int | None):
+        self.constexprs = dict(constexprs)
+        self.constexpr_values = tuple(self.constexprs.values())
+        self.jit_kwargs = {**self.constexprs, **launch_options}
+        self.tensor_count = tensor_count
+        self.fixed_key = None
+
+
 class DirectLauncher:
     """Launches one `@triton.jit` kernel, directly through its `CompiledKernel` once a specialization has run.
 
@@ -96,10 +119,11 @@ class DirectLauncher:
             passed to the JIT launch, and part of the key.
         enabled (`bool`, *optional*): force direct launches off (False); by default `direct_launch_supported()`.
 
-    Call it as `launcher(kernel, grid, args, constexprs)`: `args` are the runtime arguments in parameter order,
-    `constexprs` a dict of the constexpr values (also in parameter order, after the runtime arguments, as the
-    kernel declares them); `plan_key` and `tensor_count`: see `launch_key`. `kernel` is passed per call so that a kernel replaced at run time (e.g. a test's
-    launch recorder) is the one launched; direct launches are only used while it is the kernel given here.
+    Call it as `launcher(kernel, grid, args, prepared)`: `args` are the runtime arguments in parameter order,
+    `prepared` the `PreparedLaunch` of `prepare(constexprs, tensor_count)` (constexprs in parameter order, after
+    the runtime arguments, as the kernel declares them). `kernel` is passed per call so that a kernel replaced at
+    run time (e.g. a test's launch recorder) is the one launched; direct launches are only used while it is the
+    kernel given here.
     """
 
     def __init__(self, kernel, launch_options: dict | None = None, enabled: bool | None = None):
@@ -111,52 +135,57 @@ class DirectLauncher:
         runtime_parameters = [p for p in getattr(kernel, "params", ()) if not p.is_constexpr]
         self.do_not_specialize = frozenset(i for i, p in enumerate(runtime_parameters) if p.do_not_specialize)
 
-    def launch_key(self, args, constexprs: dict, plan_key: list | None = None, tensor_count: int = 0) -> tuple:
+    def prepare(self, constexprs: dict, tensor_count: int | None = None) -> PreparedLaunch:
+        """The `PreparedLaunch` of launches with these constexprs. A caller whose launches share everything but
+        their pointers and do-not-specialize ints (a step plan: dtypes, shapes, strides and options fixed) passes
+        `tensor_count`, the number of leading tensor arguments: see `launch_key`."""
+        return PreparedLaunch(constexprs, self.launch_options, tensor_count)
+
+    def launch_key(self, args, prepared: PreparedLaunch) -> tuple:
         """The key of a launch (without the device and the JIT's settings): equal keys run the same binary.
 
-        Without `plan_key` it is the whole specialization of `args`, computed argument by argument (about 12 µs
-        of Python for the step kernel's 44 arguments). A caller whose launches share everything but their
-        pointers and do-not-specialize ints (a step plan: dtypes, shapes, strides and options fixed) passes a
-        one-element list `plan_key` that it owns, and `tensor_count`, the number of leading tensor arguments:
-        the fixed part (constexprs, launch options, every specialized argument after the tensors) is computed
-        once into `plan_key[0]`, and each call adds only the tensors' dtypes and 16-byte alignment and the
-        do-not-specialize ints' ranges."""
-        if plan_key is None:
-            return (tuple(constexprs.items()), self.launch_options_key,
+        Without a `tensor_count` it is the whole specialization of `args`, computed argument by argument (about
+        12 µs of Python for the step kernel's 44 arguments). With one, the fixed part (constexprs, launch
+        options, every specialized argument after the tensors) is computed once into `prepared.fixed_key`, and
+        each call adds only the tensors' dtypes and 16-byte alignment and the do-not-specialize ints' ranges."""
+        tensor_count = prepared.tensor_count
+        if tensor_count is None:
+            return (tuple(prepared.constexprs.items()), self.launch_options_key,
                     specialization_key(args, self.do_not_specialize))
-        fixed = plan_key[0]
+        fixed = prepared.fixed_key
         if fixed is None:
             rest = [None if position in self.do_not_specialize else arg
                     for position, arg in enumerate(args) if position >= tensor_count]
-            fixed = plan_key[0] = (tuple(constexprs.items()), self.launch_options_key, specialization_key(rest))
+            fixed = prepared.fixed_key = (tuple(prepared.constexprs.items()), self.launch_options_key,
+                                          specialization_key(rest))
         return (fixed, tuple((arg.dtype, arg.data_ptr() % 16 == 0) for arg in args[:tensor_count]),
                 tuple(_int_range(args[i]) for i in self.do_not_specialize))
 
-    def __call__(self, kernel, grid, args, constexprs: dict, plan_key: list | None = None, tensor_count: int = 0):
+    def __call__(self, kernel, grid, args, prepared: PreparedLaunch):
         if not self.enabled or kernel is not self.kernel or not args[0].is_cuda:
-            return kernel[grid](*args, **constexprs, **self.launch_options)
+            return kernel[grid](*args, **prepared.jit_kwargs)
         from triton import knobs
         from triton.runtime import driver
 
         if knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls:
-            return kernel[grid](*args, **constexprs, **self.launch_options)
+            return kernel[grid](*args, **prepared.jit_kwargs)
         try:
             device = driver.active.get_current_device()
             key = (device, knobs.runtime.debug, knobs.compilation.instrumentation_mode,
-                   self.launch_key(args, constexprs, plan_key, tensor_count))
+                   self.launch_key(args, prepared))
         except Unsupported:
-            return kernel[grid](*args, **constexprs, **self.launch_options)
+            return kernel[grid](*args, **prepared.jit_kwargs)
         entry = self.compiled.get(key)
         if entry is None:
-            compiled = kernel[grid](*args, **constexprs, **self.launch_options)
+            compiled = kernel[grid](*args, **prepared.jit_kwargs)
             # Only a kernel the JIT launch has loaded (function set) is kept: a direct launch never loads one.
             if getattr(compiled, "function", None) is not None:
-                self.compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata,
-                                      tuple(constexprs.values()))
+                self.compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata)
             return compiled
-        run, function, packed_metadata, constexpr_values = entry
+        run, function, packed_metadata = entry
         stream = driver.active.get_current_stream(device)  # the current stream now, as the JIT takes it
         grid_1 = grid[1] if len(grid) > 1 else 1
         grid_2 = grid[2] if len(grid) > 2 else 1
-        run(grid[0], grid_1, grid_2, stream, function, packed_metadata, None, None, None, *args, *constexpr_values)
+        run(grid[0], grid_1, grid_2, stream, function, packed_metadata, None, None, None, *args,
+            *prepared.constexpr_values)
         return None

@@ -197,6 +197,143 @@ def test_host_rows_follow_an_in_place_change_of_the_table(monkeypatch, fresh_pla
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The scheduler's step memo: its last plan and table, reused while nothing they were made from changed
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _mutate_alphas_in_place(scheduler, m, x):
+    scheduler.alphas_cumprod[501] *= 0.9
+
+
+def _assign_boundary(scheduler, m, x):
+    scheduler.final_alpha_cumprod = torch.tensor(1.0)
+
+
+def _mutate_boundary_in_place(scheduler, m, x):
+    scheduler.final_alpha_cumprod.fill_(1.0)
+
+
+def _write_config(scheduler, m, x):
+    scheduler.config.prediction_type = "v_prediction"
+
+
+def _replace_config(scheduler, m, x):
+    scheduler.register_to_config(clip_sample=False)
+
+
+def _no_x0(scheduler, m, x):
+    scheduler.write_pred_original_sample = False
+
+
+def _set_timesteps(scheduler, m, x):
+    scheduler.set_timesteps(20)
+
+
+def _assign_num_inference_steps(scheduler, m, x):
+    scheduler.num_inference_steps = 10
+
+
+def _inference_alphas(scheduler, m, x):
+    with torch.inference_mode():
+        scheduler.alphas_cumprod = scheduler.alphas_cumprod * 0.99
+
+
+MEMO_CHANGES = {
+    "alphas-in-place": (_mutate_alphas_in_place, {}),
+    # Timestep 1 steps past the first training timestep: its coefficients take the boundary alpha product.
+    "boundary-assigned": (_assign_boundary, dict(timestep=1)),
+    "boundary-in-place": (_mutate_boundary_in_place, dict(timestep=1)),
+    "config-written": (_write_config, {}),
+    "config-replaced": (_replace_config, {}),
+    "no-x0": (_no_x0, {}),
+    "set-timesteps": (_set_timesteps, {}),
+    "num-inference-steps": (_assign_num_inference_steps, {}),
+    "inference-alphas": (_inference_alphas, {}),
+    "eta": (None, dict(eta=0.7)),
+    "clipped-model-output": (None, dict(use_clipped_model_output=True)),
+    "tensor-timestep": (None, dict(timestep=torch.tensor(501))),
+    "float64": (None, dict(model_output="double", sample="double")),
+    "channels-last": (None, dict(sample="channels_last")),
+    "requires-grad": (None, dict(model_output="requires_grad")),
+}
+
+
+def _converted(tensor, how):
+    if how == "double":
+        return tensor.double()
+    if how == "channels_last":
+        return tensor.contiguous(memory_format=torch.channels_last)
+    if how == "requires_grad":
+        return tensor.clone().requires_grad_(True)
+    return tensor
+
+
+@pytest.mark.parametrize("change", list(MEMO_CHANGES))
+def test_step_memo_follows_every_change(backend, fresh_plans, change):
+    """A scheduler reuses its last step's plan and table while the table's inputs (also changed in place), the
+    config, the arguments and the tensors' properties are the same. After each kind of change the step equals the
+    same step of a scheduler in the same state that never stepped (no memo), and the memo is used again after."""
+    mutate, arguments = MEMO_CHANGES[change]
+
+    def fresh_scheduler():
+        scheduler = fastddim.DDIMScheduler(clip_sample=True, set_alpha_to_one=False)
+        scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.clone()
+        scheduler.set_timesteps(50)
+        return scheduler
+
+    model_output, sample, noise = randn(*SHAPE, seed=1), 2 * randn(*SHAPE, seed=2), randn(*SHAPE, seed=3)
+    stepped, unstepped = fresh_scheduler(), fresh_scheduler()
+    stepped.step(model_output, 501, sample, variance_noise=noise)
+    stepped.step(model_output, 301, sample, variance_noise=noise)
+    for scheduler in (stepped, unstepped):
+        if mutate is not None:
+            mutate(scheduler, model_output, sample)
+    call = dict(model_output=model_output, timestep=501, sample=sample, variance_noise=noise)
+    call.update({k: v for k, v in arguments.items() if k not in ("model_output", "sample")})
+    for name in ("model_output", "sample"):
+        call[name] = _converted(call[name], arguments.get(name))
+    got = stepped.step(**call)
+    expected = unstepped.step(**call)
+    assert torch.equal(got.prev_sample, expected.prev_sample)
+    assert (got.pred_original_sample is None) == (expected.pred_original_sample is None)
+    if got.pred_original_sample is not None:
+        assert torch.equal(got.pred_original_sample, expected.pred_original_sample)
+    assert got.prev_sample.grad_fn is not None if change == "requires-grad" else got.prev_sample.grad_fn is None
+    # Unchanged again: served by the memo (no plan lookup), with the same result.
+    if change not in ("requires-grad", "inference-alphas"):
+        lookups = []
+        real_plan_for = ops.plan_for
+        try:
+            ops.plan_for = lambda *args, **kwargs: lookups.append(1) or real_plan_for(*args, **kwargs)
+            again = stepped.step(**call)
+        finally:
+            ops.plan_for = real_plan_for
+        assert lookups == [] and torch.equal(again.prev_sample, expected.prev_sample)
+
+
+def test_step_memo_serves_a_whole_loop(backend, fresh_plans):
+    """After the first step of a loop, each step skips the options, table and plan lookups."""
+    scheduler = fastddim.DDIMScheduler()
+    scheduler.set_timesteps(50)
+    reference_scheduler = fastddim.DDIMScheduler()
+    reference_scheduler.set_timesteps(50)
+    sample = expected = randn(*SHAPE)
+    lookups = []
+    real_plan_for = ops.plan_for
+    try:
+        ops.plan_for = lambda *args, **kwargs: lookups.append(1) or real_plan_for(*args, **kwargs)
+        for i, t in enumerate(scheduler.timesteps[:10]):
+            model_output = randn(*SHAPE, seed=i + 1)
+            sample = scheduler.step(model_output, int(t), sample).prev_sample
+            reference_scheduler.__dict__.pop("_step_memo", None)
+            expected = reference_scheduler.step(model_output, int(t), expected).prev_sample
+    finally:
+        ops.plan_for = real_plan_for
+    assert torch.equal(sample, expected)
+    assert len(lookups) == 1 + 10  # the first step of `scheduler`, and every memo-less step of the reference
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Checks still run once a plan exists
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -395,13 +532,14 @@ def test_launcher_takes_the_jit_launch_where_it_cannot_launch_directly():
     for launcher in (launch.DirectLauncher(kernel, enabled=False), launch.DirectLauncher(kernel, enabled=True)):
         # Disabled (interpreter, unvalidated version), or enabled but with CPU tensors: always the JIT launch.
         for _ in range(3):
-            launcher(kernel, (1,), args, constexprs)
+            launcher(kernel, (1,), args, launcher.prepare(constexprs))
         assert launcher.compiled == {}
     assert len(kernel.launches) == 6
     assert all(launched == ((1,), args, constexprs) for launched in kernel.launches)
     # A kernel other than the launcher's (e.g. replaced by a test's recorder) is launched itself, by the JIT.
     other = RecordingKernel()
-    launch.DirectLauncher(kernel, enabled=True)(other, (2,), args, constexprs)
+    launcher = launch.DirectLauncher(kernel, enabled=True)
+    launcher(other, (2,), args, launcher.prepare(constexprs))
     assert other.launches == [((2,), args, constexprs)] and len(kernel.launches) == 6
 
 
@@ -411,7 +549,8 @@ def test_step_launches_carry_the_launch_options_and_the_per_sample_grid(fresh_pl
     assert ddim_module._step_launcher.launch_options == ddim_module.LAUNCH_OPTIONS == {"enable_fp_fusion": False}
     kernel = RecordingKernel()
     args, constexprs = (torch.zeros(4), 3, 0.5), {"BLOCK": 4}
-    launch.DirectLauncher(kernel, ddim_module.LAUNCH_OPTIONS, enabled=False)(kernel, (1,), args, constexprs)
+    launcher = launch.DirectLauncher(kernel, ddim_module.LAUNCH_OPTIONS, enabled=False)
+    launcher(kernel, (1,), args, launcher.prepare(constexprs))
     assert kernel.launches == [((1,), args, {"BLOCK": 4, "enable_fp_fusion": False})]
     table = step_table(torch.linspace(0.999, 0.01, 1000, dtype=torch.float64), 10, 1.0)
     batch, per_sample = 3, 2 * ddim_module.BLOCK_SIZE + 5
@@ -493,8 +632,10 @@ def test_plan_launch_keys_separate_exactly_what_the_jit_separates_within_a_plan(
     recorded = []
 
     class Recorder:
-        def __call__(self, kernel, grid, args, constexprs, plan_key=None, tensor_count=0):
-            recorded.append((args, constexprs, plan_key, tensor_count))
+        prepare = staticmethod(ddim_module._step_launcher.prepare)
+
+        def __call__(self, kernel, grid, args, prepared):
+            recorded.append((args, prepared))
 
     scheduler = fastddim.DDIMScheduler()
     scheduler.set_timesteps(50)
@@ -506,12 +647,12 @@ def test_plan_launch_keys_separate_exactly_what_the_jit_separates_within_a_plan(
     for model_output, timestep in ((aligned, 780), (misaligned, 780), (aligned, 1), (aligned, 16),
                                    (aligned.clone(), 999)):
         scheduler.step(model_output, timestep, sample)
-    assert len(recorded) == 5 and all(r[2] is recorded[0][2] for r in recorded), "one plan for all five launches"
-    keys = [launcher.launch_key(args, constexprs, plan_key, tensor_count)
-            for args, constexprs, plan_key, tensor_count in recorded]
-    specializations = [jit_specialization(kernel, args, constexprs) for args, constexprs, _, _ in recorded]
+    assert len(recorded) == 5 and all(r[1] is recorded[0][1] for r in recorded), "one plan for all five launches"
+    assert recorded[0][1].tensor_count == ddim_module.STEP_TENSORS
+    keys = [launcher.launch_key(args, prepared) for args, prepared in recorded]
+    specializations = [jit_specialization(kernel, args, prepared.constexprs) for args, prepared in recorded]
     for i in range(5):
         for j in range(5):
             assert (keys[i] == keys[j]) == (specializations[i] == specializations[j]), (i, j)
     assert keys[0] != keys[1] and keys[0] == keys[2] == keys[3] == keys[4]
-    assert recorded[0][2][0] is not None  # the fixed part was computed once and kept with the plan
+    assert recorded[0][1].fixed_key is not None  # the fixed part was computed once and kept with the plan
