@@ -1,12 +1,13 @@
-"""GPU check of the direct launcher (kernels/launch.py): bit-identical results and host time per step call.
+"""GPU check of the direct launchers (kernels/launch.py): bit-identical results and host time per step call.
 
     python bench/direct_launch_check.py            # needs CUDA and a validated triton (3.6.0)
 
-For several specializations (dtypes, an unaligned view, channels_last, per-sample timesteps, Philox noise) it
-runs each step twice through the JIT launch (direct launches off) and twice through the launcher (the first call
-of a specialization takes the JIT launch, the second the direct one) and requires identical outputs; then it
-prints the host time per `scheduler.step` call at 1x4x8x8 with direct launches on and off (perf_counter over
-back-to-back calls, the GPU synchronised between batches only). Exits 1 on a mismatch.
+For several specializations (dtypes, an unaligned view, channels_last, per-sample timesteps, Philox noise,
+thresholding with one and with three radix levels) it runs each step twice through the JIT launch (direct
+launches off) and twice through the launchers of the step and threshold kernels (the first call of a
+specialization takes the JIT launch, the second the direct one) and requires identical outputs; then it prints
+the host time per `scheduler.step` call at 1x4x8x8 (plain, guided, thresholded) with direct launches on and off
+(perf_counter over back-to-back calls, the GPU synchronised between batches only). Exits 1 on a mismatch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ import torch
 
 import fastddim
 from fastddim import ops
-from fastddim.kernels import ddim, launch
+from fastddim.kernels import ddim, launch, threshold
+
+LAUNCHERS = (ddim._step_launcher, threshold._pass_launcher, threshold._select_launcher)
+
+
+def set_direct(enabled: bool) -> None:
+    for launcher in LAUNCHERS:
+        launcher.enabled = enabled
 
 
 def cases():
@@ -44,8 +52,10 @@ def cases():
     yield "philox per-sample rows and timesteps", (randn(3, 4, 16, 16), randn(3, 4, 16, 16), table,
                                                    torch.tensor([981, 501, 21], device="cuda")), dict(
         eta=1.0, philox_state=fastddim.PhiloxGenerator(seeds=[7, 8, 9], device="cuda").buffer)
-    yield "thresholded", (randn(2, 4, 16, 16), randn(2, 4, 16, 16), table, 501), dict(
+    yield "thresholded, 3 radix levels", (randn(2, 4, 16, 16), randn(2, 4, 16, 16), table, 501), dict(
         thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.0)
+    yield "thresholded, sample_max_value 1", (randn(2, 4, 16, 16), randn(2, 4, 16, 16), table, 501), dict(
+        thresholding=True, dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
     yield "guided rescaled bf16", (randn(2, 4, 16, 16, dtype=torch.bfloat16), randn(2, 4, 16, 16,
                                    dtype=torch.bfloat16), table, 501), dict(
         uncond_output=randn(2, 4, 16, 16, dtype=torch.bfloat16), guidance_scale=7.5, guidance_rescale=0.7)
@@ -73,28 +83,34 @@ def main() -> int:
     print(f"triton {launch.triton.__version__}: direct launches {'on' if launcher.enabled else 'OFF (not validated)'}")
     failed = False
     for name, args, kwargs in cases():
-        launcher.enabled = False
+        set_direct(False)
         ops.PLANS.clear()
         # A generator buffer moves on with every step: both runs start from the same state.
         saved = kwargs["philox_state"].clone() if "philox_state" in kwargs else None
         expected = [ops.ddim_step(*args, **kwargs) for _ in range(2)]
         if saved is not None:
             kwargs["philox_state"].copy_(saved)
-        launcher.enabled = launch.direct_launch_supported()
-        launcher.compiled.clear()
+        set_direct(launch.direct_launch_supported())
+        for each in LAUNCHERS:
+            each.compiled.clear()
         ops.PLANS.clear()
         got = [ops.ddim_step(*args, **kwargs) for _ in range(2)]
         same = all(torch.equal(a, b) for e, g in zip(expected, got) for a, b in zip(e, g) if a is not None)
         failed |= not same
-        print(f"{name}: {'identical' if same else 'MISMATCH'} ({len(launcher.compiled)} direct specialization)")
-    scheduler = fastddim.DDIMScheduler()
-    scheduler.set_timesteps(50, device="cuda")
-    m, x = torch.randn(1, 4, 8, 8, device="cuda"), torch.randn(1, 4, 8, 8, device="cuda")
-    t = scheduler.timesteps[10]
-    for enabled in (False, launch.direct_launch_supported()):
-        launcher.enabled = enabled
-        print(f"host time per step call, direct launches {'on' if enabled else 'off'}: "
-              f"{host_time(lambda: scheduler.step(m, t, x)):.1f} us")
+        direct = sum(len(each.compiled) for each in LAUNCHERS)
+        print(f"{name}: {'identical' if same else 'MISMATCH'} ({direct} direct specializations)")
+    m, x, u = (torch.randn(1, 4, 8, 8, device="cuda") for _ in range(3))
+    for label, config in (("step", {}), ("thresholded step", dict(thresholding=True, sample_max_value=1.5))):
+        scheduler = fastddim.DDIMScheduler(**config)
+        scheduler.set_timesteps(50, device="cuda")
+        t = scheduler.timesteps[10]
+        for enabled in (False, launch.direct_launch_supported()):
+            set_direct(enabled)
+            print(f"host time per {label} call, direct launches {'on' if enabled else 'off'}: "
+                  f"{host_time(lambda: scheduler.step(m, t, x)):.1f} us")
+            if not config:
+                print(f"host time per guided step call, direct launches {'on' if enabled else 'off'}: "
+                      f"{host_time(lambda: scheduler.guided_step(u, m, t, x, 7.5)):.1f} us")
     return 1 if failed else 0
 
 

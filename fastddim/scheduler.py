@@ -91,7 +91,8 @@ _set_item = OrderedDict.__setitem__
 
 def _step_output(prev_sample: torch.Tensor, pred_original_sample: torch.Tensor | None) -> DDIMSchedulerOutput:
     """`DDIMSchedulerOutput(prev_sample, pred_original_sample)` for a step's outputs (tensors or None), built
-    field by field as its __init__ builds it, at half its cost: this runs at every step."""
+    field by field as its __init__ builds it, at half its cost: this runs at every step (outside torch.compile,
+    which cannot trace OrderedDict.__setitem__)."""
     output = _new_output(DDIMSchedulerOutput)
     fields = output.__dict__
     fields["prev_sample"] = prev_sample
@@ -501,7 +502,8 @@ class _DDIMBase(SchedulerConfigMixin):
                                                          philox_state, uncond_output)
         if not return_dict:
             return (prev_sample, pred_original_sample)
-        return _step_output(prev_sample, pred_original_sample)
+        # The constructor, which torch.compile traces (it cannot trace _step_output's OrderedDict.__setitem__).
+        return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=pred_original_sample)
 
     def _config_options(self) -> tuple:
         """(config, its write counter, the StepOptions cache): the config checked again, and the cache emptied,

@@ -557,7 +557,18 @@ class StepLauncher:
             THRESHOLD=bool(options.thresholding),
             BLOCK=BLOCK_SIZE,
         )
-        self.prepared_launch = _step_launcher.prepare(self.constexprs, STEP_TENSORS)
+        self.prepared_launch = _step_launcher.prepare(self.constexprs, STEP_TENSORS, varying=(STEP_TENSORS,))
+        self.threshold_plan = None
+        if options.thresholding:
+            from .threshold import ThresholdPlan  # threshold.py builds on this module's helpers
+
+            self.threshold_plan = ThresholdPlan(
+                model_output, sample, table, self.timestep_mode, options.prediction_type,
+                options.dynamic_thresholding_ratio, options.sample_max_value, uncond_output=uncond_output,
+                guidance_mode=self.guidance_mode, guidance_scale=options.guidance_scale,
+                guidance_rescale=options.guidance_rescale, shared_dense=self.shared_dense, int64=self.int64,
+                math_fp64=self.math_fp64, reduce=threshold_reduce,
+            )
         self.write_prev, self.write_x0 = bool(options.write_prev_sample), bool(options.write_pred_original_sample)
         # Nothing to do before the launch, outputs like the sample: `__call__`'s short path.
         self.plain = (self.shared_dense and not self.needs_contiguous and self.out_dtype == sample.dtype
@@ -620,15 +631,8 @@ class StepLauncher:
         if options.thresholding and thresholds is not None:
             threshold = thresholds
         elif options.thresholding:
-            from .threshold import threshold_scale  # threshold.py builds on this module's helpers
-
-            threshold = threshold_scale(
-                model_output, sample, table, timestep_arg, timestep_ptr, self.timestep_mode, options.prediction_type,
-                options.dynamic_thresholding_ratio, options.sample_max_value, uncond_output=uncond_output,
-                guidance_mode=self.guidance_mode, guidance_scale=options.guidance_scale,
-                guidance_rescale=options.guidance_rescale, stats=stats, shared_dense=self.shared_dense,
-                int64=self.int64, math_fp64=self.math_fp64, reduce=self.threshold_reduce,
-            )
+            threshold = self.threshold_plan(model_output, sample, table, timestep_arg, timestep_ptr, uncond_output,
+                                            stats)
         arguments = (
             model_output, uncond_output if uncond_output is not None else sample, sample,
             variance_noise if variance_noise is not None else sample, prev if prev is not None else x0,
@@ -685,5 +689,6 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, table: torch.Ten
 
 _step_launcher = DirectLauncher(_ddim_step_kernel, LAUNCH_OPTIONS)
 # The step kernel's leading tensor arguments (model_output ... threshold_ptr): their dtypes are fixed per step
-# plan, so the direct launcher keys a plan's launches on their alignment alone (see DirectLauncher.launch_key).
+# plan, so the direct launcher keys a plan's launches on their alignment alone (see DirectLauncher.launch_key);
+# the argument after them, the timestep, is the only other one that changes between a plan's launches.
 STEP_TENSORS = 11

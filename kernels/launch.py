@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 import triton
+from triton import knobs
+from triton.runtime import driver
 
 # Versions on which `CompiledKernel.run(grid_0, grid_1, grid_2, stream, function, packed_metadata,
 # launch_metadata, enter_hook, exit_hook, *args, *constexprs)` was read from the runtime (runtime/jit.py,
@@ -45,7 +47,7 @@ class Unsupported(TypeError):
     """An argument the key does not cover: the call takes the JIT launch."""
 
 
-def specialization_key(args, do_not_specialize: frozenset[int] = frozenset()) -> tuple:
+def specialization_key(args, do_not_specialize: tuple[int, ...] | frozenset[int] = ()) -> tuple:
     """What triton's JIT specializes a kernel on, for runtime arguments `args` (in the kernel's parameter order,
     constexprs excluded); `do_not_specialize` holds the positions of parameters declared `do_not_specialize`.
 
@@ -96,17 +98,20 @@ class PreparedLaunch:
         jit_kwargs (`dict`): the JIT launch's keyword arguments: the constexprs and the launch options, merged once.
         tensor_count (`int` or None): the number of leading tensor arguments whose dtypes the plan fixes; None when
             nothing but the constexprs is fixed (every call keys all its arguments).
-        fixed_key (`tuple` or None): the key's part that is the same for every launch of the plan, computed at
-            the first launch (see `DirectLauncher.launch_key`).
+        varying (`tuple`): the positions, after the tensors, of the int arguments that may change between the
+            plan's launches (e.g. the timestep); every other argument after the tensors is the plan's constant.
+        fixed_key (`int` or None): the number of the key's part that is the same for every launch of the plan,
+            computed at the first launch (see `DirectLauncher.launch_key`).
     """
 
-    __slots__ = ("constexprs", "constexpr_values", "jit_kwargs", "tensor_count", "fixed_key")
+    __slots__ = ("constexprs", "constexpr_values", "jit_kwargs", "tensor_count", "varying", "fixed_key")
 
-    def __init__(self, constexprs: dict, launch_options: dict, tensor_count: int | None):
+    def __init__(self, constexprs: dict, launch_options: dict, tensor_count: int | None, varying: tuple = ()):
         self.constexprs = dict(constexprs)
         self.constexpr_values = tuple(self.constexprs.values())
         self.jit_kwargs = {**self.constexprs, **launch_options}
         self.tensor_count = tensor_count
+        self.varying = tuple(varying)
         self.fixed_key = None
 
 
@@ -132,41 +137,60 @@ class DirectLauncher:
         self.launch_options_key = tuple(self.launch_options.items())
         self.enabled = direct_launch_supported() if enabled is None else enabled
         self.compiled: dict = {}
+        self.fixed_keys: dict = {}  # the fixed parts of prepared launches' keys, numbered
         runtime_parameters = [p for p in getattr(kernel, "params", ()) if not p.is_constexpr]
-        self.do_not_specialize = frozenset(i for i, p in enumerate(runtime_parameters) if p.do_not_specialize)
+        self.do_not_specialize = tuple(i for i, p in enumerate(runtime_parameters) if p.do_not_specialize)
 
-    def prepare(self, constexprs: dict, tensor_count: int | None = None) -> PreparedLaunch:
-        """The `PreparedLaunch` of launches with these constexprs. A caller whose launches share everything but
-        their pointers and do-not-specialize ints (a step plan: dtypes, shapes, strides and options fixed) passes
-        `tensor_count`, the number of leading tensor arguments: see `launch_key`."""
-        return PreparedLaunch(constexprs, self.launch_options, tensor_count)
+    def prepare(self, constexprs: dict, tensor_count: int | None = None, varying: tuple = ()) -> PreparedLaunch:
+        """The `PreparedLaunch` of launches with these constexprs, ordered as the kernel declares them. A caller
+        whose launches share everything but their pointers and a few ints (a step plan: dtypes, shapes, strides
+        and options fixed) passes `tensor_count`, the number of leading tensor arguments, and `varying`, the
+        positions of the ints that change: see `launch_key`."""
+        declared = [p.name for p in getattr(self.kernel, "params", ()) if p.is_constexpr]
+        if declared:  # CompiledKernel.run takes the constexprs positionally, in declaration order
+            if sorted(declared) != sorted(constexprs):
+                raise ValueError(f"constexprs {sorted(constexprs)} are not the kernel's {declared}")
+            constexprs = {name: constexprs[name] for name in declared}
+        return PreparedLaunch(constexprs, self.launch_options, tensor_count, varying)
 
     def launch_key(self, args, prepared: PreparedLaunch) -> tuple:
         """The key of a launch (without the device and the JIT's settings): equal keys run the same binary.
 
         Without a `tensor_count` it is the whole specialization of `args`, computed argument by argument (about
-        12 µs of Python for the step kernel's 44 arguments). With one, the fixed part (constexprs, launch
-        options, every specialized argument after the tensors) is computed once into `prepared.fixed_key`, and
-        each call adds only the tensors' dtypes and 16-byte alignment and the do-not-specialize ints' ranges."""
+        12 µs of Python for the step kernel's 44 arguments). With one, the launches of `prepared` must keep the
+        dtypes of their leading `tensor_count` tensors and every argument after them but those at
+        `prepared.varying` (a step plan fixes them: its key holds every input's dtype and property, and the
+        outputs and scratch tensors it allocates have fixed dtypes); that fixed part (constexprs, launch options,
+        the dtypes, the specialization of the constant arguments) is computed once, numbered, and kept in
+        `prepared.fixed_key`, and each call adds only the tensors' 16-byte alignment (one OR of their addresses
+        when all are aligned, the common case) and the specialization of the varying ints."""
         tensor_count = prepared.tensor_count
         if tensor_count is None:
             return (tuple(prepared.constexprs.items()), self.launch_options_key,
                     specialization_key(args, self.do_not_specialize))
         fixed = prepared.fixed_key
         if fixed is None:
-            rest = [None if position in self.do_not_specialize else arg
-                    for position, arg in enumerate(args) if position >= tensor_count]
-            fixed = prepared.fixed_key = (tuple(prepared.constexprs.items()), self.launch_options_key,
-                                          specialization_key(rest))
-        return (fixed, tuple((arg.dtype, arg.data_ptr() % 16 == 0) for arg in args[:tensor_count]),
-                tuple(_int_range(args[i]) for i in self.do_not_specialize))
+            constants = [None if position in prepared.varying else arg
+                         for position, arg in enumerate(args) if position >= tensor_count]
+            constant_positions = [p for p in self.do_not_specialize if p >= tensor_count]
+            whole = (tuple(prepared.constexprs.items()), self.launch_options_key,
+                     tuple(arg.dtype for arg in args[:tensor_count]),
+                     specialization_key(constants, [p - tensor_count for p in constant_positions]))
+            fixed = prepared.fixed_key = self.fixed_keys.setdefault(whole, len(self.fixed_keys))
+        tensors = args[:tensor_count]
+        addresses = 0
+        for tensor in tensors:
+            addresses |= tensor.data_ptr()
+        alignment = True if addresses % 16 == 0 else tuple([tensor.data_ptr() % 16 == 0 for tensor in tensors])
+        if not prepared.varying:
+            return (fixed, alignment)
+        return (fixed, alignment, specialization_key([args[i] for i in prepared.varying],
+                                                     [j for j, i in enumerate(prepared.varying)
+                                                      if i in self.do_not_specialize]))
 
     def __call__(self, kernel, grid, args, prepared: PreparedLaunch):
         if not self.enabled or kernel is not self.kernel or not args[0].is_cuda:
             return kernel[grid](*args, **prepared.jit_kwargs)
-        from triton import knobs
-        from triton.runtime import driver
-
         if knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls:
             return kernel[grid](*args, **prepared.jit_kwargs)
         try:

@@ -47,6 +47,7 @@ from .ddim import (
     _strided_offset, _unravel, allocate_outputs,
     float64_bits, guidance_std_ratio, needs_int64, programs_per_sample,
 )
+from .launch import DirectLauncher
 
 RADIX_BITS = 10
 NUM_BINS = 1 << RADIX_BITS
@@ -368,94 +369,134 @@ def _quantile_indices_on_host(n: int, ratio: float, math_fp64: bool) -> tuple[in
     return int(below), int(above), int(weight.view(torch.int64 if math_fp64 else torch.int32))
 
 
+class ThresholdPlan:
+    """The threshold passes of one step plan, prepared once: window, radix levels, quantile indices, grid and every
+    scalar and constexpr argument that depends only on the settings and the tensors' dtypes, shapes, strides and
+    devices. Calling it runs the passes on the tensors of one step (see `threshold_scale`).
+
+    Args:
+        model_output, sample: tensors with the properties of every later call's (only dtypes, shapes, strides and
+            the device are read).
+        table: the step table (its number of rows is read).
+        timestep_mode, prediction_type, ratio, max_value, uncond_output, guidance_mode, guidance_scale,
+            guidance_rescale, shared_dense, int64, math_fp64, reduce: see `threshold_scale`.
+    """
+
+    def __init__(self, model_output, sample, table, timestep_mode, prediction_type, ratio, max_value,
+                 uncond_output=None, guidance_mode=0, guidance_scale=1.0, guidance_rescale=0.0, shared_dense=True,
+                 int64=False, math_fp64=False, reduce=None):
+        self.ratio = float(ratio)
+        self.math_dtype = torch.float64 if math_fp64 else torch.float32
+        self.reduce = reduce
+        self.batch = batch = sample.shape[0] if sample.dim() else 1
+        per_sample = math.prod(sample.shape[1:]) if sample.dim() else 1
+        lo, hi, self.bound = window_bits(max_value, self.math_dtype)
+        self.levels = levels = radix_levels(lo, hi, RADIX_BITS)
+        top = levels * RADIX_BITS
+        # One zero-filled buffer per call: the histograms and counts (all-reduced by sum), then the extremes (max).
+        self.hist_size, self.count_size = batch * 2 * NUM_BINS, batch * COUNT_WIDTH
+        self.buffer_size = self.hist_size + self.count_size + batch * 2
+        # Indices of the order statistics and the weight: on the host from the sample size when this process
+        # holds whole samples, else (sharded) on the device from the all-reduced counts, after the first pass.
+        self.below, self.above, self.weight_bits = _quantile_indices_on_host(per_sample, self.ratio, math_fp64)
+        sizes = (1,) * 5 if shared_dense else _padded(sample.shape, 1)
+
+        def strides_of(tensor):
+            return _padded(tensor.stride(), 0) if not shared_dense else (0,) * 5
+
+        uncond = uncond_output if uncond_output is not None else sample
+        batch_stride = sample.stride(0) if sample.dim() and batch > 1 else per_sample
+        self.pass_grid = (batch, programs_per_sample(per_sample, batch, sample.device, PASS_BLOCK))
+        # The pass kernel's scalar arguments after `timestep`, up to the window; then the shift of each pass.
+        self.pass_scalars = (
+            table.shape[0], float64_bits(guidance_scale), float64_bits(guidance_rescale), per_sample, batch_stride,
+            *sizes[1:], *strides_of(model_output), *strides_of(uncond), *strides_of(sample), lo, hi,
+        )
+        self.shifts = [max(top - RADIX_BITS, 0)] + [top - level * RADIX_BITS for level in range(2, levels + 1)]
+        pass_constexprs = dict(
+            PREDICTION=PREDICTION_CODES[prediction_type], TIMESTEP_MODE=timestep_mode, GUIDANCE=guidance_mode,
+            STRIDED=not shared_dense, INT64=int64, MATH_FP64=math_fp64, HISTOGRAM=levels > 0, NUM_BINS=NUM_BINS,
+            BLOCK=PASS_BLOCK,
+        )
+        # One prepared launch of each kernel per level (their constexprs or shift differ); the timestep is the
+        # only argument after the tensors that changes between a plan's launches.
+        self.pass_launches = [_pass_launcher.prepare({**pass_constexprs, "FIRST": level == 1}, PASS_TENSORS,
+                                                     varying=(PASS_TENSORS,))
+                              for level in range(1, max(levels, 1) + 1)]
+        self.select_launches = [
+            _select_launcher.prepare(dict(MATH_FP64=math_fp64, FIRST=level == 1, SELECT=levels > 0,
+                                          LAST=level == max(levels, 1), RANKS_ON_DEVICE=reduce is not None,
+                                          NUM_BINS=NUM_BINS), SELECT_TENSORS)
+            for level in range(1, max(levels, 1) + 1)
+        ]
+        self.lo = lo
+        # An empty shard of a sharded sample skips the passes but takes part in the collectives (and the selects,
+        # which find the threshold of the whole sample from the reduced counts).
+        self.passes = batch > 0 and per_sample > 0
+
+    def __call__(self, model_output, sample, table, timestep_arg, timestep_ptr, uncond_output=None, stats=None,
+                 return_order_statistics=False):
+        batch, device, reduce = self.batch, sample.device, self.reduce
+        buffer = torch.zeros(self.buffer_size, dtype=torch.int64, device=device)
+        hist_size, count_size = self.hist_size, self.count_size
+        hist, counts = buffer[:hist_size], buffer[hist_size:hist_size + count_size]
+        extremes = buffer[hist_size + count_size:]
+        state = torch.empty(batch, STATE_WIDTH, dtype=torch.int64, device=device)
+        values = torch.empty(3, batch, dtype=self.math_dtype, device=device)
+        ranks = state
+        pass_arguments = (
+            model_output, uncond_output if uncond_output is not None else sample, sample, table, timestep_ptr,
+            stats if stats is not None else table, hist, counts, extremes, state, timestep_arg, *self.pass_scalars,
+        )
+        select_arguments = (hist, counts, extremes, state, values)
+        select_scalars = (batch, self.below, self.above, self.weight_bits, self.lo)
+        for level, (shift, pass_launch, select_launch) in enumerate(zip(self.shifts, self.pass_launches,
+                                                                          self.select_launches)):
+            if self.passes:
+                _pass_launcher(_threshold_pass_kernel, self.pass_grid, (*pass_arguments, shift), pass_launch)
+            if reduce is not None and level == 0:
+                reduce(buffer[:hist_size + count_size], "sum")
+                reduce(extremes, "max")
+                if batch:
+                    device_below, device_above, device_weight = quantile_indices(
+                        counts.view(batch, COUNT_WIDTH).sum(1), self.ratio, self.math_dtype, device)
+                    ranks = torch.stack([device_below, device_above])
+                    values[2].copy_(device_weight)
+            elif reduce is not None:
+                reduce(hist, "sum")
+            if batch:
+                _select_launcher(_threshold_select_kernel, (batch,), (*select_arguments, ranks, *select_scalars),
+                                 select_launch)
+
+        # torch.quantile's interpolation and diffusers' clamp, by the same torch ops on (batch, 1) tensors.
+        s = torch.lerp(values[0].unsqueeze(1), values[1].unsqueeze(1), values[2].unsqueeze(1))
+        bound = self.bound
+        s = s.clamp_(min=1, max=bound) if math.isfinite(bound) else s.clamp_(min=1)
+        s = s.view(batch)
+        return (s, values) if return_order_statistics else s
+
+
+# The kernels' launches, direct once a specialization ran (kernels/launch.py), and their leading tensor arguments.
+_pass_launcher = DirectLauncher(_threshold_pass_kernel, LAUNCH_OPTIONS)
+_select_launcher = DirectLauncher(_threshold_select_kernel, LAUNCH_OPTIONS)
+PASS_TENSORS, SELECT_TENSORS = 10, 6
+
+
 def threshold_scale(model_output, sample, table, timestep_arg, timestep_ptr, timestep_mode, prediction_type,
                     ratio, max_value, uncond_output=None, guidance_mode=0, guidance_scale=1.0, guidance_rescale=0.0,
                     stats=None, shared_dense=True, int64=False, math_fp64=False, reduce=None,
                     return_order_statistics=False):
     """The per-sample threshold s (shape (batch,), the math dtype) of the thresholded step on these inputs: what
     diffusers' `_threshold_sample` computes from the step's x0, exactly. Arguments as prepared by
-    `kernels.ddim.ddim_step` (which calls this); `reduce(tensor, op)`, if given, all-reduces `tensor` in place
-    with op "sum" or "max" across the processes that share the samples. With `return_order_statistics`, also
-    returns the (3, batch) tensor (lower order statistic, upper one, weight) that s interpolates."""
-    math_dtype = torch.float64 if math_fp64 else torch.float32
-    batch = sample.shape[0] if sample.dim() else 1
-    per_sample = math.prod(sample.shape[1:]) if sample.dim() else 1
-    device = sample.device
-    lo, hi, bound = window_bits(max_value, math_dtype)
-    levels = radix_levels(lo, hi, RADIX_BITS)
-    top = levels * RADIX_BITS
-    # One zero-filled buffer: the histograms and counts (all-reduced by sum), then the extremes (by max).
-    hist_size, count_size = batch * 2 * NUM_BINS, batch * COUNT_WIDTH
-    buffer = torch.zeros(hist_size + count_size + batch * 2, dtype=torch.int64, device=device)
-    hist, counts = buffer[:hist_size], buffer[hist_size:hist_size + count_size]
-    extremes = buffer[hist_size + count_size:]
-    state = torch.empty(batch, STATE_WIDTH, dtype=torch.int64, device=device)
-    values = torch.empty(3, batch, dtype=math_dtype, device=device)
-    # Indices of the order statistics and the weight: on the host from the sample size when this process holds
-    # whole samples, else (sharded) on the device from the all-reduced counts, after the first pass.
-    ranks = state
-    below, above, weight_bits = _quantile_indices_on_host(per_sample, float(ratio), math_fp64)
-
-    uncond = uncond_output if uncond_output is not None else sample
-    sizes = _padded(sample.shape, 1)
-
-    def strides_of(tensor):
-        return _padded(tensor.stride(), 0) if not shared_dense else (0,) * 5
-
-    if shared_dense:
-        sizes = (1,) * 5
-
-    batch_stride = sample.stride(0) if sample.dim() and batch > 1 else per_sample
-    grid = (batch, programs_per_sample(per_sample, batch, device, PASS_BLOCK))
-
-    def run_pass(first: bool, shift: int):
-        _threshold_pass_kernel[grid](
-            model_output, uncond, sample, table, timestep_ptr, stats if stats is not None else table,
-            hist, counts, extremes, state,
-            timestep_arg, table.shape[0], float64_bits(guidance_scale), float64_bits(guidance_rescale),
-            per_sample, batch_stride, *sizes[1:],
-            *strides_of(model_output), *strides_of(uncond), *strides_of(sample),
-            lo, hi, shift,
-            PREDICTION=PREDICTION_CODES[prediction_type], TIMESTEP_MODE=timestep_mode, GUIDANCE=guidance_mode,
-            STRIDED=not shared_dense, INT64=int64, MATH_FP64=math_fp64, FIRST=first, HISTOGRAM=levels > 0,
-            NUM_BINS=NUM_BINS, BLOCK=PASS_BLOCK, **LAUNCH_OPTIONS,
-        )
-
-    def run_select(first: bool, last: bool):
-        _threshold_select_kernel[(batch,)](
-            hist, counts, extremes, state, values, ranks, batch, below, above, weight_bits, lo,
-            MATH_FP64=math_fp64, FIRST=first, SELECT=levels > 0, LAST=last, RANKS_ON_DEVICE=reduce is not None,
-            NUM_BINS=NUM_BINS, **LAUNCH_OPTIONS,
-        )
-
-    # An empty shard of a sharded sample skips the passes but takes part in the collectives (and the selects,
-    # which find the threshold of the whole sample from the reduced counts).
-    passes = batch > 0 and per_sample > 0
-    if passes:
-        run_pass(True, max(top - RADIX_BITS, 0))
-    if reduce is not None:
-        reduce(buffer[:hist_size + count_size], "sum")
-        reduce(extremes, "max")
-        if batch:
-            device_below, device_above, device_weight = quantile_indices(counts.view(batch, COUNT_WIDTH).sum(1),
-                                                                         float(ratio), math_dtype, device)
-            ranks = torch.stack([device_below, device_above])
-            values[2].copy_(device_weight)
-    if batch:
-        run_select(True, levels <= 1)
-    for level in range(2, levels + 1):
-        if passes:
-            run_pass(False, top - level * RADIX_BITS)
-        if reduce is not None:
-            reduce(hist, "sum")
-        if batch:
-            run_select(False, level == levels)
-
-    # torch.quantile's interpolation and diffusers' clamp, by the same torch ops on (batch, 1) tensors.
-    s = torch.lerp(values[0].unsqueeze(1), values[1].unsqueeze(1), values[2].unsqueeze(1))
-    s = s.clamp_(min=1, max=bound) if math.isfinite(bound) else s.clamp_(min=1)
-    s = s.view(batch)
-    return (s, values) if return_order_statistics else s
+    `kernels.ddim.ddim_step` (which calls this through a `ThresholdPlan` kept with its step plan); `reduce(tensor,
+    op)`, if given, all-reduces `tensor` in place with op "sum" or "max" across the processes that share the
+    samples. With `return_order_statistics`, also returns the (3, batch) tensor (lower order statistic, upper one,
+    weight) that s interpolates."""
+    plan = ThresholdPlan(model_output, sample, table, timestep_mode, prediction_type, ratio, max_value,
+                         uncond_output, guidance_mode, guidance_scale, guidance_rescale, shared_dense, int64,
+                         math_fp64, reduce)
+    return plan(model_output, sample, table, timestep_arg, timestep_ptr, uncond_output, stats,
+                return_order_statistics)
 
 
 def sample_thresholds(model_output, sample, table, timestep=None, prediction_type="epsilon",

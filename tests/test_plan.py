@@ -656,3 +656,56 @@ def test_plan_launch_keys_separate_exactly_what_the_jit_separates_within_a_plan(
             assert (keys[i] == keys[j]) == (specializations[i] == specializations[j]), (i, j)
     assert keys[0] != keys[1] and keys[0] == keys[2] == keys[3] == keys[4]
     assert recorded[0][1].fixed_key is not None  # the fixed part was computed once and kept with the plan
+
+
+def test_threshold_plan_launch_keys_separate_exactly_what_the_jit_separates(monkeypatch):
+    """The threshold passes launch through their own direct launchers with one prepared launch per radix level:
+    within a step plan, two launches of a level get equal keys exactly when triton's JIT specializes them equally
+    (timesteps 1, 16 and 999 are do-not-specialize arguments; an unaligned model output is not)."""
+    from fastddim.kernels import threshold as threshold_module
+
+    kernel = JITFunction(threshold_module._threshold_pass_kernel.fn, **threshold_module._threshold_pass_kernel.kwargs)
+    launcher = launch.DirectLauncher(kernel, enabled=False)
+    recorded = []
+
+    class Recorder:
+        prepare = staticmethod(threshold_module._pass_launcher.prepare)
+
+        def __call__(self, kernel, grid, args, prepared):
+            recorded.append((args, prepared))
+
+    table = step_table(fastddim.DDIMScheduler().alphas_cumprod, 50, 1.0).to(DEVICE)
+    storage = torch.randn(2 * 256 + 1, device=DEVICE)
+    aligned, misaligned = storage[:256].view(1, 4, 8, 8), storage[1:257].view(1, 4, 8, 8)
+    sample = storage[257:].view(1, 4, 8, 8).clone()
+    monkeypatch.setattr(threshold_module, "_pass_launcher", Recorder())
+    ops.PLANS.clear()
+    for model_output, timestep in ((aligned, 780), (misaligned, 780), (aligned, 1), (aligned, 16), (aligned, 999)):
+        ops.ddim_step(model_output, sample, table, timestep, thresholding=True, sample_max_value=1.5,
+                      backend="triton")
+    levels = len(recorded) // 5
+    assert levels == 3 and len({id(prepared) for _, prepared in recorded}) == levels
+    for level in range(levels):
+        launches = recorded[level::levels]
+        keys = [launcher.launch_key(args, prepared) for args, prepared in launches]
+        specializations = [jit_specialization(kernel, args, prepared.constexprs) for args, prepared in launches]
+        for i in range(5):
+            for j in range(5):
+                assert (keys[i] == keys[j]) == (specializations[i] == specializations[j]), (level, i, j)
+        assert keys[0] != keys[1] and keys[0] == keys[2] == keys[3] == keys[4]
+
+
+def test_prepared_launches_take_the_constexprs_in_the_kernels_order():
+    """CompiledKernel.run takes the constexprs positionally: prepare orders them as the kernel declares them and
+    refuses a set that is not the kernel's."""
+    kernel = compiled_step_kernel()
+    declared = [p.name for p in kernel.params if p.is_constexpr]
+    _, launched = launch_arguments("base")  # the JIT launch's keywords: constexprs and launch options
+    constexprs = {k: v for k, v in launched.items() if k not in ddim_module.LAUNCH_OPTIONS}
+    shuffled = dict(reversed(list(constexprs.items())))
+    prepared = launch.DirectLauncher(kernel, ddim_module.LAUNCH_OPTIONS).prepare(shuffled, ddim_module.STEP_TENSORS)
+    assert list(prepared.constexprs) == declared
+    assert prepared.constexpr_values == tuple(constexprs[name] for name in declared)
+    assert prepared.jit_kwargs == {**constexprs, **ddim_module.LAUNCH_OPTIONS}
+    with pytest.raises(ValueError, match="constexprs"):
+        launch.DirectLauncher(kernel).prepare({k: v for k, v in constexprs.items() if k != "BLOCK"})
