@@ -85,6 +85,7 @@ class DDIMSchedulerOutput(_OutputFields):
             OrderedDict.__setitem__(self, "pred_original_sample", pred_original_sample)
 
 
+_is_compiling = torch.compiler.is_compiling  # traced by torch.compile as itself, whatever its name
 _new_output = DDIMSchedulerOutput.__new__
 _set_item = OrderedDict.__setitem__
 
@@ -158,28 +159,6 @@ class _Snapshot:
         if self.version is not None:
             return current._version != self.version
         return self.copy is not None and not torch.equal(current, self.copy)
-
-
-class _StepMemo:
-    """A scheduler's last step plan (`fastddim.plan.StepPlan`), its table, and the key of the step it was made for
-    (see `_DDIMBase._run_step`), with the version counters of the tensors the table was built from (alphas_cumprod
-    and a boundary alpha product given as a tensor): it serves while they are unchanged in place."""
-
-    __slots__ = ("key", "plan", "table", "alphas", "alphas_version", "boundary", "boundary_version")
-
-    @classmethod
-    def of(cls, key, plan, table, table_state):
-        """The memo of a step, or None when the table's inputs carry no version counter (inference tensors, whose
-        values `_Snapshot` compares at each step instead)."""
-        alphas, boundary = table_state[0], table_state[1]
-        if alphas.version is None or boundary.copy is not None:
-            return None
-        memo = cls()
-        memo.key, memo.plan, memo.table = key, plan, table
-        memo.alphas, memo.alphas_version = alphas.value, alphas.version
-        memo.boundary, memo.boundary_version = (boundary.value, boundary.version) if boundary.version is not None \
-            else (None, None)
-        return memo
 
 
 def _schedule_attribute(name: str, check, doc: str) -> property:
@@ -424,7 +403,8 @@ class _DDIMBase(SchedulerConfigMixin):
             raise ValueError("num_inference_steps is not set: call set_timesteps(num_inference_steps) before step")
         if type(timestep) is not int or not 0 <= timestep < state["_num_train"]:
             timestep = self._resolve_timestep(timestep, sample)
-        eta = ops.check_eta(eta)
+        if type(eta) is not float or not 0.0 <= eta < math.inf:  # a float in range needs no conversion or check
+            eta = ops.check_eta(eta)
         if generator is not None and variance_noise is not None:
             raise ValueError("pass either generator or variance_noise, not both")
         philox_state = None
@@ -442,7 +422,8 @@ class _DDIMBase(SchedulerConfigMixin):
                     f"eta={eta} is too large at timestep {timestep}: 1 - alpha_prev - eta^2 * variance < 0 "
                     "(diffusers would return NaN there); use eta <= 1"
                 )
-        thresholding = state["_internal_dict"].get("thresholding", False)
+        config = state["_internal_dict"]
+        thresholding = config.get("thresholding", False)
         if thresholding and process_group is None:
             process_group = self.threshold_process_group
         elif not thresholding:
@@ -451,15 +432,17 @@ class _DDIMBase(SchedulerConfigMixin):
         if write_x0 is not True and write_x0 is not False:
             raise TypeError(f"write_pred_original_sample must be True or False, got {write_x0!r}")
         key = None
-        if not torch.compiler.is_compiling():
-            # The last step's plan and table serve this one while everything they were made from is the same:
-            # the table's state and the config (each replaced or counted when written), the arguments, the
-            # tensors' dtypes, shapes, strides and devices, FASTDDIM_BACKEND: one tuple comparison. The table's
-            # inputs may also change in place: their version counters are compared below.
+        if not _is_compiling():
+            # The last step's plan and table serve this one while everything they were made from is the same: the
+            # table's state (replaced when rebuilt or when an input is assigned) and its inputs' version counters
+            # (in-place changes), the config (replaced, or counted when written), the arguments, the tensors'
+            # dtypes, shapes, strides and devices, FASTDDIM_BACKEND: one tuple comparison.
             try:
-                config = state["_internal_dict"]
-                key = (state.get("_table_state"), config, config._writes, eta, use_clipped_model_output,
-                       thresholding, guidance_scale, guidance_rescale, write_x0, process_group, ops.backend_setting_raw(),
+                boundary = state[self._boundary_attribute]
+                key = (state.get("_table_state"), state["_alphas_cumprod"]._version,
+                       boundary._version if isinstance(boundary, torch.Tensor) else None,
+                       config, config._writes, eta, use_clipped_model_output, thresholding, guidance_scale,
+                       guidance_rescale, write_x0, process_group, ops.backend_setting_raw(),
                        int if type(timestep) is int else tensor_key(timestep),
                        model_output.dtype, model_output.shape, model_output.stride(), model_output.device,
                        sample.dtype, sample.shape, sample.stride(), sample.device,
@@ -471,14 +454,14 @@ class _DDIMBase(SchedulerConfigMixin):
                            model_output.requires_grad or sample.requires_grad
                            or (uncond_output is not None and uncond_output.requires_grad)
                            or (variance_noise is not None and variance_noise.requires_grad)))
-            except (AttributeError, TypeError):  # not tensors: the checks of the full path name the argument
+            except (AttributeError, TypeError, RuntimeError):
+                # Not tensors (the checks of the full path name the argument), or inference tensors among the
+                # table's inputs, which carry no version counter (the table state compares their values).
                 key = None
             memo = state.get("_step_memo")
-            if memo is not None and key == memo.key and memo.alphas._version == memo.alphas_version and (
-                memo.boundary is None or memo.boundary._version == memo.boundary_version
-            ):
-                prev_sample, pred_original_sample = memo.plan.run(model_output, sample, memo.table, timestep,
-                                                                  variance_noise, philox_state, uncond_output)
+            if memo is not None and key == memo[0]:
+                prev_sample, pred_original_sample = memo[1](model_output, sample, memo[2], timestep, variance_noise,
+                                                            philox_state, uncond_output)
                 if not return_dict:
                     return (prev_sample, pred_original_sample)
                 return _step_output(prev_sample, pred_original_sample)
@@ -496,8 +479,8 @@ class _DDIMBase(SchedulerConfigMixin):
         else:
             plan = ops.plan_for(model_output, sample, table, timestep, options, variance_noise, philox_state,
                                 uncond_output, process_group=process_group)
-            # Keyed on the table state as it is now (the table may have been rebuilt above).
-            self._step_memo = _StepMemo.of((state["_table_state"], *key[1:]), plan, table, state["_table_state"])
+            # Keyed on the table state as it is now (the table may have been rebuilt above, from the same inputs).
+            self._step_memo = ((state["_table_state"], *key[1:]), plan.run, table)
             prev_sample, pred_original_sample = plan.run(model_output, sample, table, timestep, variance_noise,
                                                          philox_state, uncond_output)
         if not return_dict:
@@ -612,6 +595,8 @@ class DDIMScheduler(_DDIMBase, *diffusers_bases("scheduling_ddim", "DDIMSchedule
                              prediction_type, timestep_spacing, clip_sample_range, rescale_betas_zero_snr)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
+
+    _boundary_attribute = "_final_alpha_cumprod"  # where final_alpha_cumprod is kept (a step memo reads it)
 
     def _boundary_alpha_cumprod(self) -> torch.Tensor:
         return self.final_alpha_cumprod
@@ -826,6 +811,8 @@ class DDIMInverseScheduler(_DDIMBase, *diffusers_bases("scheduling_ddim_inverse"
                              prediction_type, timestep_spacing, clip_sample_range, rescale_betas_zero_snr)
         self.initial_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps).copy().astype(np.int64))
+
+    _boundary_attribute = "_initial_alpha_cumprod"
 
     def _boundary_alpha_cumprod(self) -> torch.Tensor:
         return self.initial_alpha_cumprod

@@ -570,6 +570,7 @@ class StepLauncher:
                 math_fp64=self.math_fp64, reduce=threshold_reduce,
             )
         self.write_prev, self.write_x0 = bool(options.write_prev_sample), bool(options.write_pred_original_sample)
+        self.scalar_timestep = self.timestep_mode == TIMESTEP_SCALAR
         # Nothing to do before the launch, outputs like the sample: `__call__`'s short path.
         self.plain = (self.shared_dense and not self.needs_contiguous and self.out_dtype == sample.dtype
                       and n_elements > 0 and not options.thresholding and self.guidance_mode != GUIDANCE_RESCALED)
@@ -584,7 +585,7 @@ class StepLauncher:
         if self.plain:  # the common case, kept short: this runs at every step
             prev = torch.empty_like(sample) if self.write_prev else None
             x0 = torch.empty_like(sample) if self.write_x0 else None
-            scalar = self.timestep_mode == TIMESTEP_SCALAR
+            scalar = self.scalar_timestep
             arguments = (
                 model_output, uncond_output if uncond_output is not None else sample, sample,
                 variance_noise if variance_noise is not None else sample, prev if prev is not None else x0,
