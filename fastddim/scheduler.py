@@ -358,8 +358,13 @@ class _DDIMBase(SchedulerConfigMixin):
         """An int (checked against the table) for host timesteps; device tensors stay on the device unread (their
         dtype and shape are checked with the step's plan, see ops.dispatch)."""
         num_train = self.__dict__["_num_train"]
-        if isinstance(timestep, torch.Tensor) and (not timestep.is_cpu or torch.compiler.is_compiling()):
-            return timestep  # no host read: a timestep outside the table gives NaN (see kernels/ddim.py)
+        if isinstance(timestep, torch.Tensor):
+            if not timestep.is_cpu or _is_compiling():
+                return timestep  # no host read: a timestep outside the table gives NaN (see kernels/ddim.py)
+            if not timestep.dim() and timestep.dtype in ops.INTEGER_DTYPES:  # as pipelines pass it, kept short
+                value = timestep.item()
+                if 0 <= value < num_train:
+                    return value
         batch = sample.shape[0] if isinstance(sample, torch.Tensor) and sample.dim() else 1
         timestep = ops.check_timestep(timestep, batch)
         if isinstance(timestep, torch.Tensor):

@@ -177,20 +177,23 @@ def threshold_variants():
         yield threshold._threshold_pass_kernel, types, constexprs
 
     factors = {"MATH_FP64": [False, True], "FIRST": [False, True], "SELECT": [False, True],
-               "LAST": [False, True], "RANKS_ON_DEVICE": [False, True], "indices": ["i32", "i64"],
-               "weight_bits": ["i32", "i64"]}
+               "LAST": [False, True], "RANKS_ON_DEVICE": [False, True], "BOUND_ONLY": [False, True],
+               "indices": ["i32", "i64"], "weight_bits": ["i32", "i64"]}
 
     def reachable(a, b):
-        # Without a histogram there is one select, the first and the last; float32 weights are 32-bit patterns.
+        # Without a histogram there is one select, the first and the last; float32 weights are 32-bit patterns;
+        # a bound <= 1 leaves the window empty (no histogram).
         return not ((a == ("SELECT", False) and b in (("FIRST", False), ("LAST", False)))
-                    or (a == ("MATH_FP64", False) and b == ("weight_bits", "i64")))
+                    or (a == ("MATH_FP64", False) and b == ("weight_bits", "i64"))
+                    or (a == ("BOUND_ONLY", True) and b in (("FIRST", False), ("LAST", False), ("SELECT", True))))
 
     for row in covering_rows(factors, reachable):
         types = {"hist_ptr": "*i64", "counts_ptr": "*i64", "extremes_ptr": "*i64", "state_ptr": "*i64",
                  "values_ptr": "*fp64" if row["MATH_FP64"] else "*fp32", "ranks_ptr": "*i64",
                  "below": row["indices"], "above": row["indices"], "weight_bits": row["weight_bits"],
-                 "window_lo": "i64" if row["MATH_FP64"] else "i32"}
-        constexprs = {name: row[name] for name in ("MATH_FP64", "FIRST", "SELECT", "LAST", "RANKS_ON_DEVICE")}
+                 "window_lo": "i64" if row["MATH_FP64"] else "i32", "bound_bits": "i64" if row["MATH_FP64"] else "i32"}
+        constexprs = {name: row[name]
+                      for name in ("MATH_FP64", "FIRST", "SELECT", "LAST", "RANKS_ON_DEVICE", "BOUND_ONLY")}
         constexprs["NUM_BINS"] = threshold.NUM_BINS
         yield threshold._threshold_select_kernel, types, constexprs
 

@@ -66,6 +66,7 @@ _INF32, _NAN32, _MAX32 = tl.constexpr(0x7F800000), tl.constexpr(0x7FC00000), tl.
 _INF64 = tl.constexpr(0x7FF0000000000000)
 _NAN64 = tl.constexpr(0x7FF8000000000000)
 _MAX64 = tl.constexpr(0x7FFFFFFFFFFFFFFF)
+_HALF32, _HALF64 = tl.constexpr(0x3F000000), tl.constexpr(0x3FE0000000000000)  # 0.5: where lerp switches formula
 
 
 @triton.jit
@@ -249,22 +250,30 @@ def _locate(index, n_low, n_window, n_high, n_inf, max_low_bits, min_high_bits, 
     return bits, rank
 
 
-@triton.jit(do_not_specialize=["below", "above", "weight_bits", "window_lo"])
+@triton.jit(do_not_specialize=["below", "above", "weight_bits", "window_lo", "bound_bits"])
 def _threshold_select_kernel(
     hist_ptr, counts_ptr, extremes_ptr, state_ptr, values_ptr, ranks_ptr,
-    batch_size, below, above, weight_bits, window_lo,
+    batch_size, below, above, weight_bits, window_lo, bound_bits,
     MATH_FP64: tl.constexpr,
     FIRST: tl.constexpr,  # place the order statistics (and select in the first histogram)
     SELECT: tl.constexpr,  # there is a histogram to select in
     LAST: tl.constexpr,  # write the order statistics to values_ptr
     RANKS_ON_DEVICE: tl.constexpr,  # the indices are ranks_ptr[b], ranks_ptr[batch_size + b], not below, above
+    BOUND_ONLY: tl.constexpr,  # the clamp bound (bits bound_bits) is <= 1: write s itself to values_ptr[3]
     NUM_BINS: tl.constexpr,
 ):
     """One program per sample: select the histogram bins holding the two order statistics torch.quantile
     interpolates, then clear the histograms for the next pass. No floating-point arithmetic: the indices of the
     order statistics and the weight come from `fastddim.threshold.quantile_indices` (torch's own ops), as
     arguments (`below`, `above`, the weight's bit pattern, stored to values_ptr[2]) or, for a sharded sample
-    whose size only the all-reduced counts know, from ranks_ptr (the weight already in values_ptr[2])."""
+    whose size only the all-reduced counts know, from ranks_ptr (the weight already in values_ptr[2]).
+
+    With BOUND_ONLY (sample_max_value <= 1, so the window is empty and this is the one, first and last, select),
+    s = clamp(lerp(lower, upper, weight), 1, bound) is `bound` or NaN, and which one does not depend on how lerp
+    rounds or contracts: NaN exactly where torch.lerp gives NaN (a NaN order statistic, or an infinite upper one
+    with an infinite lower one, a weight of 0, or a weight >= 0.5, where lerp computes inf * 0 or inf - inf).
+    The step then needs neither torch.lerp nor torch.clamp (two launches)."""
+    tl.static_assert(not BOUND_ONLY or (FIRST and LAST and not SELECT))
     b = tl.program_id(0).to(tl.int64)
     if MATH_FP64:
         inf_bits: tl.constexpr = _INF64
@@ -346,6 +355,28 @@ def _threshold_select_kernel(
             value1 = bits1.to(tl.int32).to(tl.float32, bitcast=True)
         tl.store(values_ptr + b, value0)
         tl.store(values_ptr + batch_size + b, value1)
+        if BOUND_ONLY:
+            # On bit patterns only, as the rest of this kernel (non-negative floats order as their patterns).
+            if MATH_FP64:
+                if RANKS_ON_DEVICE:
+                    w_bits = tl.load(values_ptr + 2 * batch_size + b).to(tl.int64, bitcast=True)
+                else:
+                    w_bits = weight_bits.to(tl.int64)
+                half_bits: tl.constexpr = _HALF64
+            else:
+                if RANKS_ON_DEVICE:
+                    w_bits = tl.load(values_ptr + 2 * batch_size + b).to(tl.int32, bitcast=True)
+                else:
+                    w_bits = weight_bits.to(tl.int32)
+                half_bits: tl.constexpr = _HALF32
+            lerp_nan = (bits0 > inf_bits) | (bits1 > inf_bits) | (
+                (bits1 == inf_bits) & ((bits0 == inf_bits) | (w_bits == 0) | (w_bits >= half_bits)))
+            s_bits = tl.where(lerp_nan, nan_bits, bound_bits.to(tl.int64))
+            if MATH_FP64:
+                s = s_bits.to(tl.float64, bitcast=True)
+            else:
+                s = s_bits.to(tl.int32).to(tl.float32, bitcast=True)
+            tl.store(values_ptr + 3 * batch_size + b, s)
     else:
         tl.store(state + 0, prefix0)
         tl.store(state + 1, rank0)
@@ -391,6 +422,9 @@ class ThresholdPlan:
         self.batch = batch = sample.shape[0] if sample.dim() else 1
         per_sample = math.prod(sample.shape[1:]) if sample.dim() else 1
         lo, hi, self.bound = window_bits(max_value, self.math_dtype)
+        # A bound of at most 1 makes s that bound or NaN: the select kernel writes it (no lerp, no clamp).
+        self.bound_only = self.bound <= 1
+        bound_bits = torch.tensor(self.bound, dtype=self.math_dtype).view(torch.int64 if math_fp64 else torch.int32)
         self.levels = levels = radix_levels(lo, hi, RADIX_BITS)
         top = levels * RADIX_BITS
         # One zero-filled buffer per call: the histograms and counts (all-reduced by sum), then the extremes (max).
@@ -426,10 +460,10 @@ class ThresholdPlan:
         self.select_launches = [
             _select_launcher.prepare(dict(MATH_FP64=math_fp64, FIRST=level == 1, SELECT=levels > 0,
                                           LAST=level == max(levels, 1), RANKS_ON_DEVICE=reduce is not None,
-                                          NUM_BINS=NUM_BINS), SELECT_TENSORS)
+                                          BOUND_ONLY=self.bound_only, NUM_BINS=NUM_BINS), SELECT_TENSORS)
             for level in range(1, max(levels, 1) + 1)
         ]
-        self.lo = lo
+        self.lo, self.bound_bits = lo, int(bound_bits)
         # An empty shard of a sharded sample skips the passes but takes part in the collectives (and the selects,
         # which find the threshold of the whole sample from the reduced counts).
         self.passes = batch > 0 and per_sample > 0
@@ -442,14 +476,15 @@ class ThresholdPlan:
         hist, counts = buffer[:hist_size], buffer[hist_size:hist_size + count_size]
         extremes = buffer[hist_size + count_size:]
         state = torch.empty(batch, STATE_WIDTH, dtype=torch.int64, device=device)
-        values = torch.empty(3, batch, dtype=self.math_dtype, device=device)
+        # (lower order statistic, upper one, weight) per sample, then s itself when the select kernel writes it.
+        values = torch.empty(4 if self.bound_only else 3, batch, dtype=self.math_dtype, device=device)
         ranks = state
         pass_arguments = (
             model_output, uncond_output if uncond_output is not None else sample, sample, table, timestep_ptr,
             stats if stats is not None else table, hist, counts, extremes, state, timestep_arg, *self.pass_scalars,
         )
         select_arguments = (hist, counts, extremes, state, values)
-        select_scalars = (batch, self.below, self.above, self.weight_bits, self.lo)
+        select_scalars = (batch, self.below, self.above, self.weight_bits, self.lo, self.bound_bits)
         for level, (shift, pass_launch, select_launch) in enumerate(zip(self.shifts, self.pass_launches,
                                                                           self.select_launches)):
             if self.passes:
@@ -468,11 +503,14 @@ class ThresholdPlan:
                 _select_launcher(_threshold_select_kernel, (batch,), (*select_arguments, ranks, *select_scalars),
                                  select_launch)
 
-        # torch.quantile's interpolation and diffusers' clamp, by the same torch ops on (batch, 1) tensors.
-        s = torch.lerp(values[0].unsqueeze(1), values[1].unsqueeze(1), values[2].unsqueeze(1))
-        bound = self.bound
-        s = s.clamp_(min=1, max=bound) if math.isfinite(bound) else s.clamp_(min=1)
-        s = s.view(batch)
+        if self.bound_only:
+            s, values = values[3], values[:3]
+        else:
+            # torch.quantile's interpolation and diffusers' clamp, by the same torch ops on (batch, 1) tensors.
+            s = torch.lerp(values[0].unsqueeze(1), values[1].unsqueeze(1), values[2].unsqueeze(1))
+            bound = self.bound
+            s = s.clamp_(min=1, max=bound) if math.isfinite(bound) else s.clamp_(min=1)
+            s = s.view(batch)
         return (s, values) if return_order_statistics else s
 
 

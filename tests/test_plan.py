@@ -709,3 +709,70 @@ def test_prepared_launches_take_the_constexprs_in_the_kernels_order():
     assert prepared.jit_kwargs == {**constexprs, **ddim_module.LAUNCH_OPTIONS}
     with pytest.raises(ValueError, match="constexprs"):
         launch.DirectLauncher(kernel).prepare({k: v for k, v in constexprs.items() if k != "BLOCK"})
+
+
+def test_direct_launches_run_the_compiled_kernel_with_the_prepared_arguments(monkeypatch):
+    """The direct branch, with stand-ins for a CUDA tensor, the driver and a compiled kernel: the first launch of a
+    specialization takes the JIT launch (whose CompiledKernel is kept), later ones call CompiledKernel.run with
+    the grid, the current stream, the loaded function, its metadata, no hooks, the runtime arguments and the
+    constexprs in the kernel's order; a changed alignment or a varying int of another range is a new
+    specialization (the JIT again)."""
+
+    class CudaTensor:  # what the key and the launch read of a CUDA tensor
+        is_cuda = True
+        dtype = torch.float32
+
+        def __init__(self, address):
+            self.address = address
+
+        def data_ptr(self):
+            return self.address
+
+    class Driver:
+        class active:
+            @staticmethod
+            def get_current_device():
+                return 0
+
+            @staticmethod
+            def get_current_stream(device):
+                return 1234
+
+    runs = []
+
+    class Compiled:
+        function, packed_metadata = "function", "metadata"
+
+        @staticmethod
+        def run(*arguments):
+            runs.append(arguments)
+
+    class Kernel:
+        params = ()
+
+        def __init__(self):
+            self.launches = []
+
+        def __getitem__(self, grid):
+            def jit_launch(*args, **keywords):
+                self.launches.append((grid, args, keywords))
+                return Compiled()
+            return jit_launch
+
+    monkeypatch.setattr(launch, "driver", Driver)
+    kernel = Kernel()
+    launcher = launch.DirectLauncher(kernel, {"enable_fp_fusion": False}, enabled=True)
+    prepared = launcher.prepare({"BLOCK": 4, "MODE": 1}, tensor_count=2, varying=(2,))
+    aligned = (CudaTensor(4096), CudaTensor(8192), 7, 0.5)
+    launcher(kernel, (3,), aligned, prepared)
+    assert kernel.launches == [((3,), aligned, {"BLOCK": 4, "MODE": 1, "enable_fp_fusion": False})] and runs == []
+    later = (CudaTensor(4096), CudaTensor(8192), 9, 0.5)
+    launcher(kernel, (3, 2), later, prepared)
+    assert len(kernel.launches) == 1
+    assert runs == [(3, 2, 1, 1234, "function", "metadata", None, None, None, *later, 4, 1)]
+    launcher(kernel, (3,), (CudaTensor(4100), CudaTensor(8192), 7, 0.5), prepared)  # unaligned: the JIT
+    launcher(kernel, (3,), (CudaTensor(4096), CudaTensor(8192), 2**40, 0.5), prepared)  # an int64 int
+    launcher(kernel, (3,), (CudaTensor(4096), CudaTensor(8192), 16, 0.5), prepared)  # divisible by 16
+    assert len(kernel.launches) == 4 and len(runs) == 1
+    launcher(kernel, (3,), (CudaTensor(4096), CudaTensor(8192), 23, 0.5), prepared)  # as the first: direct
+    assert len(kernel.launches) == 4 and len(runs) == 2

@@ -272,6 +272,45 @@ def test_kernel_threshold_equals_torch_quantile(kind, dtype):
         assert_identical(got, expected_threshold(x0, ratio, max_value), f"{kind} {shape} {max_value} {ratio}")
 
 
+# Rows of five |x0| values and ratios that put torch.quantile's order statistics and weight (rank 4 * ratio) on
+# each case of torch.lerp with an infinite upper order statistic: weight 0, in (0, 0.5), >= 0.5, 1; two infinities.
+BOUND_ONLY_ROWS = [
+    ([0.25, 0.5, 2.0, 3.0, math.inf], 0.8),   # lerp(3, inf, 0.2) = inf: s = bound
+    ([0.25, 0.5, 2.0, 3.0, math.inf], 0.9),   # lerp(3, inf, 0.6) = inf - inf: NaN
+    ([0.25, 0.5, 2.0, 3.0, math.inf], 1.0),   # lerp(inf, inf, 0) = NaN
+    ([0.25, 0.5, 2.0, 3.0, math.inf], 0.75),  # lerp(3, 3, 0): s = bound
+    ([0.25, 0.5, 2.0, math.inf, math.inf], 0.8),  # lerp(inf, inf, 0.2): NaN
+    ([0.25, 0.5, 2.0, 3.0, math.inf], 0.76),  # lerp(3, inf, 0.04) = inf: s = bound
+    ([0.25, 0.5, 2.0, 3.0, math.inf], 0.875),  # lerp(3, inf, 0.5): NaN
+    ([0.25, 0.5, 0.5, 0.75, 0.875], 0.5),     # all below 1: s = bound
+    ([0.25, math.nan, 2.0, 3.0, 4.0], 0.5),   # a NaN: NaN
+    ([0.0, 0.0, 0.0, 0.0, 0.0], 0.995),
+]
+
+
+@pytest.mark.parametrize("max_value", [1.0, 0.5, next_after(1.0, 0.0, torch.float32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_kernel_threshold_with_a_bound_of_at_most_one(dtype, max_value):
+    """sample_max_value <= 1 (diffusers' default is 1): s is the bound or NaN, written by the select kernel itself
+    (no torch.lerp, no torch.clamp); NaN exactly where torch.quantile's lerp gives NaN."""
+    from fastddim.kernels import threshold as kernel_threshold
+
+    for values, ratio in BOUND_ONLY_ROWS:
+        model_output = torch.tensor(values, dtype=torch.float64).to(dtype).view(1, 5).repeat(2, 1)
+        model_output[1] = -model_output[1].flip(0)  # another order and sign: the same |x0| multiset
+        model_output = model_output.to(DEVICE)
+        sample = randn((2, 5), dtype, seed=3)
+        table = TABLE
+        x0 = step_x0(model_output, sample, 500, "sample")
+        got, order = kernels.sample_thresholds(model_output, sample, table, 500, "sample", ratio, max_value,
+                                               return_order_statistics=True)
+        assert_identical(got, expected_threshold(x0, ratio, max_value), f"{values} {ratio} {max_value}")
+        assert order.shape == (3, 2)  # the order statistics and weight, for autograd
+    plan = kernel_threshold.ThresholdPlan(model_output, sample, TABLE, 0, "sample", 0.5, max_value,
+                                          math_fp64=dtype == torch.float64)
+    assert plan.bound_only and plan.levels == 0
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=["fp16", "fp32", "fp64"])
 def test_kernel_threshold_on_computed_x0(prediction_type, dtype):
@@ -342,9 +381,9 @@ def run_select(counts, extremes, ratio, dtype, on_device=False):
         ranks = torch.stack([device_below, device_above])
         values[2].copy_(weight)
     kt._threshold_select_kernel[(batch,)](hist, counts.to(DEVICE).flatten(), extremes.to(DEVICE).flatten(), state,
-                                          values, ranks, batch, below, above, weight_bits, lo,
+                                          values, ranks, batch, below, above, weight_bits, lo, lo,
                                           MATH_FP64=dtype == torch.float64, FIRST=True, SELECT=False, LAST=True,
-                                          RANKS_ON_DEVICE=on_device, NUM_BINS=kt.NUM_BINS)
+                                          RANKS_ON_DEVICE=on_device, BOUND_ONLY=False, NUM_BINS=kt.NUM_BINS)
     return values
 
 

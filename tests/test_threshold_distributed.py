@@ -68,6 +68,14 @@ def check_shards(rank: int) -> None:
         got = kernels.sample_thresholds(m, x, table, t, "sample", ratio, max_value,
                                         reduce=th.all_reduce_hook(group))
         torch.testing.assert_close(got, whole, rtol=0, atol=0, equal_nan=True, msg=f"triton {cut}")
+        # A bound of at most 1: the select kernel writes s (the bound, or NaN where lerp gives NaN) from the
+        # all-reduced order statistics; at ratio 1 sample 1's largest |x0| is its inf.
+        for bound_ratio in (0.9, 1.0):
+            bounded = torch.quantile(model_output.flatten(1).abs(), bound_ratio, dim=1).clamp(min=1, max=1.0)
+            got = kernels.sample_thresholds(m, x, table, t, "sample", bound_ratio, 1.0,
+                                            reduce=th.all_reduce_hook(group))
+            torch.testing.assert_close(got, bounded, rtol=0, atol=0, equal_nan=True,
+                                       msg=f"triton bound 1, ratio {bound_ratio}, {cut}")
 
         for backend in ("torch", "triton"):
             full = ops.ddim_step(model_output, sample, table, t, prediction_type="sample", thresholding=True,
