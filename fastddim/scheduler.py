@@ -269,6 +269,13 @@ class _DDIMBase(SchedulerConfigMixin):
         self._device_tables = {}
         self._device_alphas = None
 
+    def __getstate__(self) -> dict:
+        """The scheduler's state for pickle and copy.deepcopy, without the step memo: a cache of the last step's
+        plan (a torch-path plan is a closure, which pickle cannot take), rebuilt by the copy's first step."""
+        state = self.__dict__.copy()
+        state.pop("_step_memo", None)
+        return state
+
     def _check_options(self, config) -> None:
         """Check the config values that a step or set_timesteps reads (at construction, and again after the
         config was written to), and that the keys the betas were built from did not change."""

@@ -312,7 +312,8 @@ def run_loop(scheduler, sample, steps=8):
     return sample
 
 
-def test_scheduler_is_reusable_picklable_and_copyable():
+def test_scheduler_is_reusable_picklable_and_copyable(backend):
+    """Also after steps (which leave a memo of their plan, not copied) on either backend."""
     scheduler = fastddim.DDIMScheduler(prediction_type="v_prediction")
     sample = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     first = run_loop(scheduler, sample)
