@@ -512,17 +512,19 @@ def test_direct_launches_only_on_validated_compiled_triton():
 
 
 class RecordingKernel:
-    """Stands in for a JIT kernel: records launches through `kernel[grid](...)`."""
+    """Stands in for a JIT kernel: records launches through `kernel[grid](...)`, which return `compiled` (what
+    the JIT launch returns: None, or a stand-in for the CompiledKernel)."""
 
     params = ()
 
-    def __init__(self):
+    def __init__(self, compiled=None):
         self.launches = []
+        self.compiled = compiled
 
     def __getitem__(self, grid):
         def run(*args, **constexprs):
             self.launches.append((grid, args, constexprs))
-            return None
+            return self.compiled
         return run
 
 
@@ -622,6 +624,17 @@ def test_graphed_step_rejects_static_buffers_unlike_the_sample(bad):
         GraphedStep(scheduler, sample, static_model_output=buffer)
 
 
+class LaunchRecorder:
+    """Stands in for a DirectLauncher: prepares launches as `real` does and records (args, prepared) per launch."""
+
+    def __init__(self, real: launch.DirectLauncher):
+        self.prepare = real.prepare
+        self.launches = []
+
+    def __call__(self, kernel, grid, args, prepared):
+        self.launches.append((args, prepared))
+
+
 def test_plan_launch_keys_separate_exactly_what_the_jit_separates_within_a_plan(monkeypatch):
     """A step plan's launches differ only in their pointers and timestep, so the direct launcher keys them on the
     plan's fixed part (computed once) plus the tensors' dtypes and alignment and the do-not-specialize ints'
@@ -629,21 +642,15 @@ def test_plan_launch_keys_separate_exactly_what_the_jit_separates_within_a_plan(
     specializes them equally (an unaligned view, a timestep of 1 or 16, which the JIT does not specialize)."""
     kernel = compiled_step_kernel()
     launcher = launch.DirectLauncher(kernel, enabled=False)
-    recorded = []
-
-    class Recorder:
-        prepare = staticmethod(ddim_module._step_launcher.prepare)
-
-        def __call__(self, kernel, grid, args, prepared):
-            recorded.append((args, prepared))
-
+    recorder = LaunchRecorder(ddim_module._step_launcher)
+    recorded = recorder.launches
     scheduler = fastddim.DDIMScheduler()
     scheduler.set_timesteps(50)
     storage = torch.randn(2 * 256 + 1, device=DEVICE)
     aligned, misaligned, sample = storage[:256].view(1, 4, 8, 8), storage[1:257].view(1, 4, 8, 8), storage[257:]
     sample = sample.view(1, 4, 8, 8).clone()
     monkeypatch.setenv("FASTDDIM_BACKEND", "triton")
-    monkeypatch.setattr(ddim_module, "_step_launcher", Recorder())
+    monkeypatch.setattr(ddim_module, "_step_launcher", recorder)
     for model_output, timestep in ((aligned, 780), (misaligned, 780), (aligned, 1), (aligned, 16),
                                    (aligned.clone(), 999)):
         scheduler.step(model_output, timestep, sample)
@@ -666,19 +673,13 @@ def test_threshold_plan_launch_keys_separate_exactly_what_the_jit_separates(monk
 
     kernel = JITFunction(threshold_module._threshold_pass_kernel.fn, **threshold_module._threshold_pass_kernel.kwargs)
     launcher = launch.DirectLauncher(kernel, enabled=False)
-    recorded = []
-
-    class Recorder:
-        prepare = staticmethod(threshold_module._pass_launcher.prepare)
-
-        def __call__(self, kernel, grid, args, prepared):
-            recorded.append((args, prepared))
-
+    recorder = LaunchRecorder(threshold_module._pass_launcher)
+    recorded = recorder.launches
     table = step_table(fastddim.DDIMScheduler().alphas_cumprod, 50, 1.0).to(DEVICE)
     storage = torch.randn(2 * 256 + 1, device=DEVICE)
     aligned, misaligned = storage[:256].view(1, 4, 8, 8), storage[1:257].view(1, 4, 8, 8)
     sample = storage[257:].view(1, 4, 8, 8).clone()
-    monkeypatch.setattr(threshold_module, "_pass_launcher", Recorder())
+    monkeypatch.setattr(threshold_module, "_pass_launcher", recorder)
     ops.PLANS.clear()
     for model_output, timestep in ((aligned, 780), (misaligned, 780), (aligned, 1), (aligned, 16), (aligned, 999)):
         ops.ddim_step(model_output, sample, table, timestep, thresholding=True, sample_max_value=1.5,
@@ -747,20 +748,8 @@ def test_direct_launches_run_the_compiled_kernel_with_the_prepared_arguments(mon
         def run(*arguments):
             runs.append(arguments)
 
-    class Kernel:
-        params = ()
-
-        def __init__(self):
-            self.launches = []
-
-        def __getitem__(self, grid):
-            def jit_launch(*args, **keywords):
-                self.launches.append((grid, args, keywords))
-                return Compiled()
-            return jit_launch
-
     monkeypatch.setattr(launch, "driver", Driver)
-    kernel = Kernel()
+    kernel = RecordingKernel(Compiled())
     launcher = launch.DirectLauncher(kernel, {"enable_fp_fusion": False}, enabled=True)
     prepared = launcher.prepare({"BLOCK": 4, "MODE": 1}, tensor_count=2, varying=(2,))
     aligned = (CudaTensor(4096), CudaTensor(8192), 7, 0.5)
