@@ -86,6 +86,7 @@ class DDIMSchedulerOutput(_OutputFields):
 
 
 _is_compiling = torch.compiler.is_compiling  # traced by torch.compile as itself, whatever its name
+_INFINITY = math.inf
 _new_output = DDIMSchedulerOutput.__new__
 _set_item = OrderedDict.__setitem__
 
@@ -415,7 +416,7 @@ class _DDIMBase(SchedulerConfigMixin):
             raise ValueError("num_inference_steps is not set: call set_timesteps(num_inference_steps) before step")
         if type(timestep) is not int or not 0 <= timestep < state["_num_train"]:
             timestep = self._resolve_timestep(timestep, sample)
-        if type(eta) is not float or not 0.0 <= eta < math.inf:  # a float in range needs no conversion or check
+        if type(eta) is not float or not 0.0 <= eta < _INFINITY:  # a float in range needs no conversion or check
             eta = ops.check_eta(eta)
         if generator is not None and variance_noise is not None:
             raise ValueError("pass either generator or variance_noise, not both")
