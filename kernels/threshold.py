@@ -429,7 +429,8 @@ class ThresholdPlan:
         top = levels * RADIX_BITS
         # One zero-filled buffer per call: the histograms and counts (all-reduced by sum), then the extremes (max).
         self.hist_size, self.count_size = batch * 2 * NUM_BINS, batch * COUNT_WIDTH
-        self.buffer_size = self.hist_size + self.count_size + batch * 2
+        self.buffer_parts = (self.hist_size, self.count_size, batch * 2)
+        self.buffer_size = sum(self.buffer_parts)
         # Indices of the order statistics and the weight: on the host from the sample size when this process
         # holds whole samples, else (sharded) on the device from the all-reduced counts, after the first pass.
         self.below, self.above, self.weight_bits = _quantile_indices_on_host(per_sample, self.ratio, math_fp64)
@@ -473,8 +474,7 @@ class ThresholdPlan:
         batch, device, reduce = self.batch, sample.device, self.reduce
         buffer = torch.zeros(self.buffer_size, dtype=torch.int64, device=device)
         hist_size, count_size = self.hist_size, self.count_size
-        hist, counts = buffer[:hist_size], buffer[hist_size:hist_size + count_size]
-        extremes = buffer[hist_size + count_size:]
+        hist, counts, extremes = buffer.split_with_sizes(self.buffer_parts)
         state = torch.empty(batch, STATE_WIDTH, dtype=torch.int64, device=device)
         # (lower order statistic, upper one, weight) per sample, then s itself when the select kernel writes it.
         values = torch.empty(4 if self.bound_only else 3, batch, dtype=self.math_dtype, device=device)
@@ -504,13 +504,16 @@ class ThresholdPlan:
                                  select_launch)
 
         if self.bound_only:
-            s, values = values[3], values[:3]
+            s = values[3]
+            if return_order_statistics:
+                values = values[:3]
         else:
-            # torch.quantile's interpolation and diffusers' clamp, by the same torch ops on (batch, 1) tensors.
-            s = torch.lerp(values[0].unsqueeze(1), values[1].unsqueeze(1), values[2].unsqueeze(1))
+            # torch.quantile's interpolation and diffusers' clamp, by the same torch ops (elementwise: the rows'
+            # shape, (batch,) here, (batch, 1) in torch.quantile, does not change a result).
+            lower, upper, weight = values.unbind(0)
+            s = torch.lerp(lower, upper, weight)
             bound = self.bound
             s = s.clamp_(min=1, max=bound) if math.isfinite(bound) else s.clamp_(min=1)
-            s = s.view(batch)
         return (s, values) if return_order_statistics else s
 
 
