@@ -202,13 +202,15 @@ def _philox_noise(rng_ptr, rng_rows, batch, within, mask):
     return noise
 
 
-@triton.jit(do_not_specialize=["timestep", "eta_bits", "clip_range_bits", "guidance_scale_bits",
+@triton.jit(do_not_specialize=["timestep", "eta_bits", "x0_bound_bits", "guidance_scale_bits",
                                "guidance_rescale_bits", "rng_rows"])
 def _ddim_step_kernel(
     model_output_ptr, uncond_ptr, sample_ptr, noise_ptr, prev_ptr, x0_ptr,
     table_ptr, timestep_ptr, rng_ptr, stats_ptr, threshold_ptr,
     timestep, num_train_timesteps, rng_rows,
-    eta_bits, clip_range_bits, guidance_scale_bits, guidance_rescale_bits,
+    # x0_bound_bits: with CLIP, clip_sample_range; with THRESHOLD, the upper bound of the threshold s
+    # (sample_max_value in the math dtype), which clamps the s the threshold passes found
+    eta_bits, x0_bound_bits, guidance_scale_bits, guidance_rescale_bits,
     n_elements, batch_stride,  # batch_stride: elements per sample (the outputs' batch stride)
     size_1, size_2, size_3, size_4,
     m_stride_0, m_stride_1, m_stride_2, m_stride_3, m_stride_4,
@@ -289,12 +291,16 @@ def _ddim_step_kernel(
                                    guidance_rescale_bits, PREDICTION, GUIDANCE, MATH_FP64)
 
     if THRESHOLD:
-        # s >= 1 from kernels/threshold.py (or NaN, which makes the whole sample NaN, as in torch):
-        # clamp(x0, -s, s) / s, the IEEE division as torch's.
+        # s from kernels/threshold.py, clamped here to [1, bound] as diffusers' torch.clamp does (comparisons
+        # only: exact, NaN kept, which makes the whole sample NaN, as in torch; a threshold clamped before stays
+        # as it is), then clamp(x0, -s, s) / s, the IEEE division as torch's.
         s = tl.load(threshold_ptr + sample).to(math_dtype)
+        s = tl.where(s < 1.0, 1.0, s)
+        bound = _float64(x0_bound_bits).to(math_dtype)
+        s = tl.where(s > bound, bound, s)
         x0 = _divide(_clamp(x0, s), s, MATH_FP64)
     elif CLIP:
-        x0 = _clamp(x0, _float64(clip_range_bits).to(math_dtype))
+        x0 = _clamp(x0, _float64(x0_bound_bits).to(math_dtype))
 
     if USE_CLIPPED:
         eps = _divide(x - sqrt_alpha_t * x0, sqrt_beta_t, MATH_FP64)
@@ -528,10 +534,24 @@ class StepLauncher:
             return _padded(tensor.stride(), 0) if tensor is not None and not self.shared_dense else (0,) * MAX_RANK
 
         sizes = _padded(sample.shape, 1) if not self.shared_dense else (1,) * MAX_RANK
+        # Thresholded: the threshold passes, prepared once; the step kernel clamps their s to [1, bound] itself.
+        self.threshold_plan = None
+        x0_bound = options.clip_sample_range
+        if options.thresholding:
+            from .threshold import ThresholdPlan  # threshold.py builds on this module's helpers
+
+            self.threshold_plan = ThresholdPlan(
+                model_output, sample, table, self.timestep_mode, options.prediction_type,
+                options.dynamic_thresholding_ratio, options.sample_max_value, uncond_output=uncond_output,
+                guidance_mode=self.guidance_mode, guidance_scale=options.guidance_scale,
+                guidance_rescale=options.guidance_rescale, shared_dense=self.shared_dense, int64=self.int64,
+                math_fp64=self.math_fp64, reduce=threshold_reduce,
+            )
+            x0_bound = self.threshold_plan.bound
         # The kernel's scalar arguments after `timestep`, in parameter order.
         self.scalar_arguments = (
             table.shape[0], philox_state.shape[0] - 1 if philox_state is not None else 0,
-            float64_bits(options.eta), float64_bits(options.clip_sample_range),
+            float64_bits(options.eta), float64_bits(x0_bound),
             float64_bits(options.guidance_scale), float64_bits(options.guidance_rescale),
             n_elements, self.per_sample, *sizes[1:], *strides_of(model_output), *strides_of(uncond_output),
             *strides_of(sample), *strides_of(variance_noise),
@@ -558,17 +578,6 @@ class StepLauncher:
             BLOCK=BLOCK_SIZE,
         )
         self.prepared_launch = _step_launcher.prepare(self.constexprs, STEP_TENSORS, varying=(STEP_TENSORS,))
-        self.threshold_plan = None
-        if options.thresholding:
-            from .threshold import ThresholdPlan  # threshold.py builds on this module's helpers
-
-            self.threshold_plan = ThresholdPlan(
-                model_output, sample, table, self.timestep_mode, options.prediction_type,
-                options.dynamic_thresholding_ratio, options.sample_max_value, uncond_output=uncond_output,
-                guidance_mode=self.guidance_mode, guidance_scale=options.guidance_scale,
-                guidance_rescale=options.guidance_rescale, shared_dense=self.shared_dense, int64=self.int64,
-                math_fp64=self.math_fp64, reduce=threshold_reduce,
-            )
         self.write_prev, self.write_x0 = bool(options.write_prev_sample), bool(options.write_pred_original_sample)
         self.scalar_timestep = self.timestep_mode == TIMESTEP_SCALAR
         # Nothing to do before the launch, outputs like the sample: `__call__`'s short path.
@@ -633,7 +642,7 @@ class StepLauncher:
             threshold = thresholds
         elif options.thresholding:
             threshold = self.threshold_plan(model_output, sample, table, timestep_arg, timestep_ptr, uncond_output,
-                                            stats)
+                                            stats, clamped=False)
         arguments = (
             model_output, uncond_output if uncond_output is not None else sample, sample,
             variance_noise if variance_noise is not None else sample, prev if prev is not None else x0,

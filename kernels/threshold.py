@@ -470,7 +470,9 @@ class ThresholdPlan:
         self.passes = batch > 0 and per_sample > 0
 
     def __call__(self, model_output, sample, table, timestep_arg, timestep_ptr, uncond_output=None, stats=None,
-                 return_order_statistics=False):
+                 return_order_statistics=False, clamped=True):
+        """s per sample (see `threshold_scale`); with `clamped=False`, torch.lerp's result before diffusers' clamp
+        to [1, sample_max_value], which the step kernel applies itself (one launch fewer)."""
         batch, device, reduce = self.batch, sample.device, self.reduce
         buffer = torch.zeros(self.buffer_size, dtype=torch.int64, device=device)
         hist_size, count_size = self.hist_size, self.count_size
@@ -513,7 +515,8 @@ class ThresholdPlan:
             lower, upper, weight = values.unbind(0)
             s = torch.lerp(lower, upper, weight)
             bound = self.bound
-            s = s.clamp_(min=1, max=bound) if math.isfinite(bound) else s.clamp_(min=1)
+            if clamped:
+                s = s.clamp_(min=1, max=bound) if math.isfinite(bound) else s.clamp_(min=1)
         return (s, values) if return_order_statistics else s
 
 
