@@ -682,7 +682,7 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, table: torch.Ten
             uncond + scale * (model_output - uncond), rescaled as diffusers' `rescale_noise_cfg` when
             guidance_rescale > 0.
         threshold_reduce: for a sample sharded across processes, `reduce(tensor, op)` all-reduces ("sum" or
-            "max") the threshold's per-sample counts in place (see `kernels.threshold.threshold_scale`).
+            "max") the threshold's per-sample counts in place (see `kernels.threshold.ThresholdPlan`).
         thresholds: with thresholding, the per-sample thresholds `sample_thresholds` already found for these
             inputs (the autograd forward keeps its order statistics for the backward); None: found here.
     """

@@ -403,14 +403,20 @@ def _quantile_indices_on_host(n: int, ratio: float, math_fp64: bool) -> tuple[in
 class ThresholdPlan:
     """The threshold passes of one step plan, prepared once: window, radix levels, quantile indices, grid and every
     scalar and constexpr argument that depends only on the settings and the tensors' dtypes, shapes, strides and
-    devices. Calling it runs the passes on the tensors of one step (see `threshold_scale`).
+    devices. Calling it with the tensors of one step returns the per-sample threshold s (shape (batch,), the math
+    dtype): what diffusers' `_threshold_sample` computes from the step's x0, exactly.
 
     Args:
         model_output, sample: tensors with the properties of every later call's (only dtypes, shapes, strides and
-            the device are read).
+            the device are read), as `kernels.ddim.StepLauncher` prepares them.
         table: the step table (its number of rows is read).
-        timestep_mode, prediction_type, ratio, max_value, uncond_output, guidance_mode, guidance_scale,
-            guidance_rescale, shared_dense, int64, math_fp64, reduce: see `threshold_scale`.
+        timestep_mode (`int`): TIMESTEP_SCALAR, TIMESTEP_TENSOR or TIMESTEP_PER_SAMPLE (kernels/ddim.py).
+        prediction_type (`str`), ratio (`float`), max_value (`float`): the step's prediction type,
+            dynamic_thresholding_ratio and sample_max_value.
+        uncond_output, guidance_mode, guidance_scale, guidance_rescale: the step's classifier-free guidance.
+        shared_dense, int64, math_fp64 (`bool`): the step kernel's layout, index width and math dtype.
+        reduce (`Callable`, *optional*): for samples sharded across processes, `reduce(tensor, op)` all-reduces
+            `tensor` in place with op "sum" or "max" (the counts, then the extremes).
     """
 
     def __init__(self, model_output, sample, table, timestep_mode, prediction_type, ratio, max_value,
@@ -471,8 +477,10 @@ class ThresholdPlan:
 
     def __call__(self, model_output, sample, table, timestep_arg, timestep_ptr, uncond_output=None, stats=None,
                  return_order_statistics=False, clamped=True):
-        """s per sample (see `threshold_scale`); with `clamped=False`, torch.lerp's result before diffusers' clamp
-        to [1, sample_max_value], which the step kernel applies itself (one launch fewer)."""
+        """s per sample for these tensors (`stats`: the guidance statistics when rescaled); with
+        `return_order_statistics`, also the (3, batch) tensor (lower order statistic, upper one, weight) that s
+        interpolates; with `clamped=False`, torch.lerp's result before diffusers' clamp to [1, sample_max_value],
+        which the step kernel applies itself (one launch fewer)."""
         batch, device, reduce = self.batch, sample.device, self.reduce
         buffer = torch.zeros(self.buffer_size, dtype=torch.int64, device=device)
         hist_size, count_size = self.hist_size, self.count_size
@@ -526,23 +534,6 @@ _select_launcher = DirectLauncher(_threshold_select_kernel, LAUNCH_OPTIONS)
 PASS_TENSORS, SELECT_TENSORS = 10, 6
 
 
-def threshold_scale(model_output, sample, table, timestep_arg, timestep_ptr, timestep_mode, prediction_type,
-                    ratio, max_value, uncond_output=None, guidance_mode=0, guidance_scale=1.0, guidance_rescale=0.0,
-                    stats=None, shared_dense=True, int64=False, math_fp64=False, reduce=None,
-                    return_order_statistics=False):
-    """The per-sample threshold s (shape (batch,), the math dtype) of the thresholded step on these inputs: what
-    diffusers' `_threshold_sample` computes from the step's x0, exactly. Arguments as prepared by
-    `kernels.ddim.ddim_step` (which calls this through a `ThresholdPlan` kept with its step plan); `reduce(tensor,
-    op)`, if given, all-reduces `tensor` in place with op "sum" or "max" across the processes that share the
-    samples. With `return_order_statistics`, also returns the (3, batch) tensor (lower order statistic, upper one,
-    weight) that s interpolates."""
-    plan = ThresholdPlan(model_output, sample, table, timestep_mode, prediction_type, ratio, max_value,
-                         uncond_output, guidance_mode, guidance_scale, guidance_rescale, shared_dense, int64,
-                         math_fp64, reduce)
-    return plan(model_output, sample, table, timestep_arg, timestep_ptr, uncond_output, stats,
-                return_order_statistics)
-
-
 def sample_thresholds(model_output, sample, table, timestep=None, prediction_type="epsilon",
                       dynamic_thresholding_ratio=0.995, sample_max_value=1.0, uncond_output=None,
                       guidance_scale=1.0, guidance_rescale=0.0, reduce=None, int64=None,
@@ -570,9 +561,9 @@ def sample_thresholds(model_output, sample, table, timestep=None, prediction_typ
                 stats = guidance_std_ratio(model_output, uncond_output, guidance_scale)
     if int64 is None:
         int64 = needs_int64(sample.numel(), [t for t in (model_output, sample, uncond_output) if t is not None])
-    return threshold_scale(model_output, sample, table, timestep_arg, timestep_ptr, mode, prediction_type,
-                           dynamic_thresholding_ratio, sample_max_value, uncond_output=uncond_output,
-                           guidance_mode=guidance_mode, guidance_scale=guidance_scale,
-                           guidance_rescale=guidance_rescale, stats=stats, shared_dense=shared_dense, int64=int64,
-                           math_fp64=out_dtype == torch.float64, reduce=reduce,
-                           return_order_statistics=return_order_statistics)
+    plan = ThresholdPlan(model_output, sample, table, mode, prediction_type, dynamic_thresholding_ratio,
+                         sample_max_value, uncond_output=uncond_output, guidance_mode=guidance_mode,
+                         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, shared_dense=shared_dense,
+                         int64=int64, math_fp64=out_dtype == torch.float64, reduce=reduce)
+    return plan(model_output, sample, table, timestep_arg, timestep_ptr, uncond_output, stats,
+                return_order_statistics=return_order_statistics)
