@@ -267,7 +267,7 @@ def build_plan(model_output, sample, table, timestep, options: StepOptions, vari
                             uncond_output)
 
         return StepPlan(options, backend, run, launcher)
-    return StepPlan(options, backend, launcher.__call__, launcher)  # a bound method calls faster than the object
+    return StepPlan(options, backend, launcher, launcher)
 
 
 class _HostRows:
