@@ -129,3 +129,36 @@ def backend(request, monkeypatch):
     """Run the test once on each backend (FASTDDIM_BACKEND), on tensors placed on DEVICE."""
     monkeypatch.setenv("FASTDDIM_BACKEND", request.param)
     return request.param
+
+
+@pytest.fixture
+def calls_by_backend(monkeypatch):
+    """Which implementation each step reached, in order: "torch" (fastddim.reference) or "triton" (the kernel's
+    StepLauncher)."""
+    from fastddim import reference
+    from fastddim.kernels import ddim
+
+    record = []
+    real_reference, real_launch = reference.ddim_step, ddim.StepLauncher.__call__
+
+    def reference_step(*args, **kwargs):
+        record.append("torch")
+        return real_reference(*args, **kwargs)
+
+    def launcher_step(*args, **kwargs):
+        record.append("triton")
+        return real_launch(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "ddim_step", reference_step)
+    monkeypatch.setattr(ddim.StepLauncher, "__call__", launcher_step)
+    return record
+
+
+@pytest.fixture
+def single_threaded_torch():
+    """One intra-op thread for the test: tiny convolutions take microseconds, and on a small shared machine
+    waking a second thread for each costs far more than it saves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

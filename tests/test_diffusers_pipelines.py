@@ -415,12 +415,8 @@ def float32_convolutions_on_gpu():
 
 
 @pytest.fixture(autouse=True)
-def single_threaded_torch():
-    # Tiny convolutions: waking a second intra-op thread costs more than it saves on a small shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(single_threaded_torch):
+    """Every test here on one intra-op thread (conftest.single_threaded_torch)."""
 
 
 @pytest.mark.parametrize("case_name", CASES)

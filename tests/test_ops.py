@@ -17,7 +17,7 @@ import torch
 from conftest import DEVICE, TOLERANCES, assert_same_nonfinite, truth_alphas, truth_step
 from diffusers import DDIMScheduler as DiffusersDDIMScheduler
 
-from fastddim import kernels, ops, reference
+from fastddim import kernels, ops
 from fastddim.schedule import step_table
 
 # Triton's interpreter runs the kernel in numpy, which warns on inf - inf and the like: expected here.
@@ -71,25 +71,6 @@ def amplification(alphas, prediction_type, use_clipped_model_output):
     return factor
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """Which implementation each ops.ddim_step call reached: "torch" (reference) or "triton" (kernel)."""
-    record = []
-    real_reference, real_kernel = reference.ddim_step, kernels.ddim.StepLauncher.__call__
-
-    def reference_step(*args, **kwargs):
-        record.append("torch")
-        return real_reference(*args, **kwargs)
-
-    def kernel_step(*args, **kwargs):
-        record.append("triton")
-        return real_kernel(*args, **kwargs)
-
-    monkeypatch.setattr(reference, "ddim_step", reference_step)
-    monkeypatch.setattr(kernels.ddim.StepLauncher, "__call__", kernel_step)
-    return record
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # select_backend
 # ---------------------------------------------------------------------------------------------------------------
@@ -123,7 +104,7 @@ def test_select_backend(monkeypatch, env, device, interpreting, expected):
 
 
 @pytest.mark.parametrize("env", ["bogus", "cuda", "tritonn", "torch,triton", "none"])
-def test_unknown_backend_in_the_environment_is_an_error_naming_the_variable(monkeypatch, env, calls):
+def test_unknown_backend_in_the_environment_is_an_error_naming_the_variable(monkeypatch, env, calls_by_backend):
     monkeypatch.setenv("FASTDDIM_BACKEND", env)
     with pytest.raises(ValueError, match="FASTDDIM_BACKEND") as info:
         ops.select_backend(torch.device("cpu"))
@@ -131,11 +112,11 @@ def test_unknown_backend_in_the_environment_is_an_error_naming_the_variable(monk
     model_output, sample, _ = inputs()
     with pytest.raises(ValueError, match="FASTDDIM_BACKEND"):
         ops.ddim_step(model_output, sample, row()[0])
-    assert calls == []
+    assert calls_by_backend == []
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
-def test_forcing_triton_off_cuda_without_the_interpreter_is_a_clear_error(monkeypatch, device, calls):
+def test_forcing_triton_off_cuda_without_the_interpreter_is_a_clear_error(monkeypatch, device, calls_by_backend):
     monkeypatch.setenv("FASTDDIM_BACKEND", "triton")
     monkeypatch.setattr(ops, "triton_interpreting", lambda: False)
     with pytest.raises(ValueError, match="FASTDDIM_BACKEND=triton.*CUDA.*TRITON_INTERPRET=1"):
@@ -144,7 +125,7 @@ def test_forcing_triton_off_cuda_without_the_interpreter_is_a_clear_error(monkey
         model_output, sample, _ = inputs()
         with pytest.raises(ValueError, match="TRITON_INTERPRET"):
             ops.ddim_step(model_output.cpu(), sample.cpu(), row()[0].cpu())
-        assert calls == []
+        assert calls_by_backend == []
 
 
 def test_forcing_triton_on_cuda_needs_no_interpreter(monkeypatch):
@@ -177,22 +158,22 @@ def test_real_interpreter_state_matches_the_kernels():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_environment_picks_the_implementation(backend, calls):
+def test_environment_picks_the_implementation(backend, calls_by_backend):
     """With FASTDDIM_BACKEND set (conftest's `backend` fixture) and no backend argument, the step runs there."""
     model_output, sample, _ = inputs()
     ops.ddim_step(model_output, sample, row()[0])
-    assert calls == [backend]
+    assert calls_by_backend == [backend]
 
 
 @pytest.mark.parametrize("env, argument", [("torch", "triton"), ("triton", "torch"), ("auto", "torch")])
-def test_backend_argument_overrides_the_environment(monkeypatch, calls, env, argument):
+def test_backend_argument_overrides_the_environment(monkeypatch, calls_by_backend, env, argument):
     monkeypatch.setenv("FASTDDIM_BACKEND", env)
     model_output, sample, _ = inputs()
     ops.ddim_step(model_output, sample, row()[0], backend=argument)
-    assert calls == [argument]
+    assert calls_by_backend == [argument]
 
 
-def test_backend_argument_triton_off_cuda_without_the_interpreter_is_a_clear_error(monkeypatch, calls):
+def test_backend_argument_triton_off_cuda_without_the_interpreter_is_a_clear_error(monkeypatch, calls_by_backend):
     monkeypatch.setattr(ops, "triton_interpreting", lambda: False)
     model_output, sample, _ = inputs()
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
@@ -204,12 +185,12 @@ def test_backend_argument_triton_off_cuda_without_the_interpreter_is_a_clear_err
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def run_both(calls, *args, **kwargs):
+def run_both(calls_by_backend, *args, **kwargs):
     results = {}
     for name in ("torch", "triton"):
-        calls.clear()
+        calls_by_backend.clear()
         results[name] = ops.ddim_step(*args, backend=name, **kwargs)
-        assert calls == [name]
+        assert calls_by_backend == [name]
     return results
 
 
@@ -218,13 +199,14 @@ def run_both(calls, *args, **kwargs):
 @pytest.mark.parametrize("use_clipped_model_output", [False, True], ids=["eps-as-predicted", "eps-from-clipped"])
 @pytest.mark.parametrize("clip_sample", [False, True], ids=["no-clip", "clip"])
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
-def test_torch_and_triton_backends_agree(calls, prediction_type, clip_sample, use_clipped_model_output, eta, dtype):
+def test_torch_and_triton_backends_agree(calls_by_backend, prediction_type, clip_sample, use_clipped_model_output, eta,
+                                        dtype):
     coefficients, alphas = row(900)
     model_output, sample, noise = inputs(dtype, seed=1)
     noise = noise if eta > 0 else None
     kwargs = dict(eta=eta, prediction_type=prediction_type, clip_sample=clip_sample, clip_sample_range=1.3,
                   use_clipped_model_output=use_clipped_model_output, variance_noise=noise)
-    results = run_both(calls, model_output, sample, coefficients, **kwargs)
+    results = run_both(calls_by_backend, model_output, sample, coefficients, **kwargs)
     truth = truth_step(model_output, sample, *alphas, eta=eta, noise=noise, prediction_type=prediction_type,
                        clip_sample=clip_sample, clip_sample_range=1.3,
                        use_clipped_model_output=use_clipped_model_output)
@@ -237,40 +219,41 @@ def test_torch_and_triton_backends_agree(calls, prediction_type, clip_sample, us
         assert_close(triton_out, truth[index], dtype, factor, f"triton {name} vs float64 truth")
 
 
-def test_backends_agree_on_channels_last_and_keep_it(calls):
+def test_backends_agree_on_channels_last_and_keep_it(calls_by_backend):
     coefficients, alphas = row(500)
     model_output, sample, noise = (t.contiguous(memory_format=torch.channels_last) for t in inputs(seed=2))
-    results = run_both(calls, model_output, sample, coefficients, eta=0.5, variance_noise=noise)
+    results = run_both(calls_by_backend, model_output, sample, coefficients, eta=0.5, variance_noise=noise)
     for index in range(2):
         assert results["torch"][index].is_contiguous(memory_format=torch.channels_last)
         assert results["triton"][index].is_contiguous(memory_format=torch.channels_last)
         assert_close(results["triton"][index], results["torch"][index], torch.float32, 1 / math.sqrt(alphas[0]))
 
 
-def test_backends_agree_on_nonfinite_inputs(calls):
+def test_backends_agree_on_nonfinite_inputs(calls_by_backend):
     coefficients, alphas = row(500)
     model_output, sample, noise = (t.clone() for t in inputs(seed=3))
     model_output[0, 0, 0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
     sample[1, 0, 0, :3] = torch.tensor([math.nan, math.inf, -math.inf])
-    results = run_both(calls, model_output, sample, coefficients, eta=1.0, variance_noise=noise, clip_sample=True)
+    results = run_both(calls_by_backend, model_output, sample, coefficients, eta=1.0, variance_noise=noise,
+                       clip_sample=True)
     for index in range(2):
         assert not torch.isfinite(results["torch"][index]).all()
         assert_close(results["triton"][index], results["torch"][index], torch.float32, 1 / math.sqrt(alphas[0]))
 
 
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
-def test_thresholding_runs_on_the_selected_backend(backend, calls, prediction_type):
+def test_thresholding_runs_on_the_selected_backend(backend, calls_by_backend, prediction_type):
     """At t = 100, x0 has |x0| quantiles inside [1, sample_max_value = 3], so the threshold is a real quantile.
     Thresholded steps run on the selected backend (the Triton one finds the threshold with its own kernels)."""
     coefficients, alphas = row(100)
     model_output, sample, _ = inputs(seed=4)
     kwargs = dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=3.0)
     prev, x0 = ops.ddim_step(model_output, sample, coefficients, prediction_type=prediction_type, **kwargs)
-    assert calls == [backend]
-    calls.clear()
+    assert calls_by_backend == [backend]
+    calls_by_backend.clear()
     forced = ops.ddim_step(model_output, sample, coefficients, prediction_type=prediction_type, backend="triton",
                            **kwargs)
-    assert calls == ["triton"]
+    assert calls_by_backend == ["triton"]
     truth_prev, truth_x0 = truth_step(model_output, sample, *alphas, prediction_type=prediction_type, **kwargs)
     _, raw_x0 = truth_step(model_output, sample, *alphas, prediction_type=prediction_type)
     s = torch.quantile(raw_x0.abs().flatten(1), 0.9, dim=1)
@@ -343,21 +326,21 @@ def bad_arguments():
 
 
 @pytest.mark.parametrize("case", list(bad_arguments()))
-def test_bad_arguments_raise_before_any_step(backend, calls, case):
+def test_bad_arguments_raise_before_any_step(backend, calls_by_backend, case):
     changes, error, pattern = bad_arguments()[case]
     model_output, sample, noise = inputs()
     arguments = dict(model_output=model_output, sample=sample, table=row()[0], variance_noise=noise, eta=0.5)
     arguments.update(changes)
     with pytest.raises(error, match=pattern):
         ops.ddim_step(**arguments)
-    assert calls == []
+    assert calls_by_backend == []
 
 
-def test_triton_backend_needs_the_table_on_the_sample_device(calls):
+def test_triton_backend_needs_the_table_on_the_sample_device(calls_by_backend):
     model_output, sample, _ = inputs()
     with pytest.raises(ValueError, match="table.*device"):
         ops.ddim_step(model_output, sample, torch.zeros(8, dtype=torch.float64, device="meta"), backend="triton")
-    assert calls == []
+    assert calls_by_backend == []
 
 
 @pytest.mark.parametrize("eta", [0, 1, np.float64(0.5), np.float32(0.5), fractions.Fraction(1, 2)],

@@ -71,13 +71,8 @@ def unet() -> diffusers.UNet2DModel:
 
 
 @pytest.fixture(autouse=True)
-def single_threaded_torch():
-    # The tiny UNet's convolutions take microseconds; on a small shared machine, waking a second intra-op
-    # thread for each costs far more than it saves.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(single_threaded_torch):
+    """Every test here on one intra-op thread (conftest.single_threaded_torch)."""
 
 
 def quiet(pipe):

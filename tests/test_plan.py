@@ -161,26 +161,6 @@ def test_the_backend_setting_is_read_at_every_step(monkeypatch, fresh_plans, cal
         assert calls_by_backend == [name]
 
 
-@pytest.fixture
-def calls_by_backend(monkeypatch):
-    from fastddim import reference
-
-    record = []
-    real_reference, real_launch = reference.ddim_step, ddim_module.StepLauncher.__call__
-
-    def reference_step(*args, **kwargs):
-        record.append("torch")
-        return real_reference(*args, **kwargs)
-
-    def launcher_step(*args, **kwargs):
-        record.append("triton")
-        return real_launch(*args, **kwargs)
-
-    monkeypatch.setattr(reference, "ddim_step", reference_step)
-    monkeypatch.setattr(ddim_module.StepLauncher, "__call__", launcher_step)
-    return record
-
-
 def test_host_rows_follow_an_in_place_change_of_the_table(monkeypatch, fresh_plans):
     """The torch path reads an int timestep's coefficients from Python floats converted once per table: a table
     changed in place (its version counter moves) is converted again."""
