@@ -430,12 +430,12 @@ class ThresholdPlan:
         lo, hi, self.bound = window_bits(max_value, self.math_dtype)
         # A bound of at most 1 makes s that bound or NaN: the select kernel writes it (no lerp, no clamp).
         self.bound_only = self.bound <= 1
-        bound_bits = torch.tensor(self.bound, dtype=self.math_dtype).view(torch.int64 if math_fp64 else torch.int32)
+        self.bound_bits = int(torch.tensor(self.bound, dtype=self.math_dtype).view(
+            torch.int64 if math_fp64 else torch.int32))
         self.levels = levels = radix_levels(lo, hi, RADIX_BITS)
         top = levels * RADIX_BITS
         # One zero-filled buffer per call: the histograms and counts (all-reduced by sum), then the extremes (max).
-        self.hist_size, self.count_size = batch * 2 * NUM_BINS, batch * COUNT_WIDTH
-        self.buffer_parts = (self.hist_size, self.count_size, batch * 2)
+        self.buffer_parts = (batch * 2 * NUM_BINS, batch * COUNT_WIDTH, batch * 2)
         self.buffer_size = sum(self.buffer_parts)
         # Indices of the order statistics and the weight: on the host from the sample size when this process
         # holds whole samples, else (sharded) on the device from the all-reduced counts, after the first pass.
@@ -470,7 +470,7 @@ class ThresholdPlan:
                                           BOUND_ONLY=self.bound_only, NUM_BINS=NUM_BINS), SELECT_TENSORS)
             for level in range(1, max(levels, 1) + 1)
         ]
-        self.lo, self.bound_bits = lo, int(bound_bits)
+        self.lo = lo
         # An empty shard of a sharded sample skips the passes but takes part in the collectives (and the selects,
         # which find the threshold of the whole sample from the reduced counts).
         self.passes = batch > 0 and per_sample > 0
@@ -483,7 +483,6 @@ class ThresholdPlan:
         which the step kernel applies itself (one launch fewer)."""
         batch, device, reduce = self.batch, sample.device, self.reduce
         buffer = torch.zeros(self.buffer_size, dtype=torch.int64, device=device)
-        hist_size, count_size = self.hist_size, self.count_size
         hist, counts, extremes = buffer.split_with_sizes(self.buffer_parts)
         state = torch.empty(batch, STATE_WIDTH, dtype=torch.int64, device=device)
         # (lower order statistic, upper one, weight) per sample, then s itself when the select kernel writes it.
@@ -500,7 +499,7 @@ class ThresholdPlan:
             if self.passes:
                 _pass_launcher(_threshold_pass_kernel, self.pass_grid, (*pass_arguments, shift), pass_launch)
             if reduce is not None and level == 0:
-                reduce(buffer[:hist_size + count_size], "sum")
+                reduce(buffer[:hist.numel() + counts.numel()], "sum")
                 reduce(extremes, "max")
                 if batch:
                     device_below, device_above, device_weight = quantile_indices(
