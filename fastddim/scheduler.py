@@ -369,10 +369,6 @@ class _DDIMBase(SchedulerConfigMixin):
         if isinstance(timestep, torch.Tensor):
             if not timestep.is_cpu or _is_compiling():
                 return timestep  # no host read: a timestep outside the table gives NaN (see kernels/ddim.py)
-            if not timestep.dim() and timestep.dtype in ops.INTEGER_DTYPES:  # as pipelines pass it, kept short
-                value = timestep.item()
-                if 0 <= value < num_train:
-                    return value
         batch = sample.shape[0] if isinstance(sample, torch.Tensor) and sample.dim() else 1
         timestep = ops.check_timestep(timestep, batch)
         if isinstance(timestep, torch.Tensor):
@@ -414,8 +410,15 @@ class _DDIMBase(SchedulerConfigMixin):
         state = self.__dict__
         if state.get("_num_inference_steps") is None:
             raise ValueError("num_inference_steps is not set: call set_timesteps(num_inference_steps) before step")
-        if type(timestep) is not int or not 0 <= timestep < state["_num_train"]:
-            timestep = self._resolve_timestep(timestep, sample)
+        compiling = _is_compiling()
+        num_train = state["_num_train"]
+        if type(timestep) is not int or not 0 <= timestep < num_train:
+            # A 0-d CPU tensor, as pipelines pass it, read in one call: its tolist() is an int for integer dtypes
+            # only (a float or a bool otherwise, which the full check turns down).
+            value = (timestep.tolist() if type(timestep) is torch.Tensor and not compiling and timestep.is_cpu
+                     and not timestep.dim() else None)
+            timestep = value if type(value) is int and 0 <= value < num_train else self._resolve_timestep(timestep,
+                                                                                                            sample)
         if type(eta) is not float or not 0.0 <= eta < _INFINITY:  # a float in range needs no conversion or check
             eta = ops.check_eta(eta)
         if generator is not None and variance_noise is not None:
@@ -445,7 +448,7 @@ class _DDIMBase(SchedulerConfigMixin):
         if write_x0 is not True and write_x0 is not False:
             raise TypeError(f"write_pred_original_sample must be True or False, got {write_x0!r}")
         key = None
-        if not _is_compiling():
+        if not compiling:
             # The last step's plan and table serve this one while everything they were made from is the same: the
             # table's state (replaced when rebuilt or when an input is assigned) and its inputs' version counters
             # (in-place changes), the config (replaced, or counted when written), the arguments, the tensors'
