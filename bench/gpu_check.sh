@@ -9,8 +9,8 @@
 # device minutes, leaving room for one shorter rerun, e.g. BUDGET=200 PYTEST_ARGS="tests/test_kernels.py").
 # Every step runs under `timeout`, the benchmark first (its numbers are the point of a GPU session), the tests
 # in what is left.
-# Back under $OUT (the device tool returns at most 8 files): summary.txt (with the direct-launch check's
-# output), install.log, bench.log (both benchmarks' output), bench.json, bench.md, pipeline.json, pipeline.md, tests.log.
+# Back under $OUT (the device tool returns at most 8 files): summary.txt (with the direct-launch and compile-op
+# checks' output), install.log, bench.log (both benchmarks' output), bench.json, bench.md, pipeline.json, pipeline.md, tests.log.
 # Keep the benchmarks: copy bench.json|md to bench/results/<device.short>.json|md (device.short is in bench.json)
 # and pipeline.json|md to bench/results/<device.short>-pipeline.json|md, and commit them. The script exits non-zero if any step failed or ran out of time.
 #
@@ -124,6 +124,15 @@ bench_limit=$(( $(left) - 120 < BENCH_LIMIT ? $(left) - 120 : BENCH_LIMIT ))
 if step "benchmark" "$OUT/bench.log" "$bench_limit" "$PYTHON" bench/run.py --out "$OUT/bench.json"; then
   note "$(grep -E '^(\||Acceptance)' "$OUT/bench.md")"
 fi
+
+# How torch.compile should launch the kernel: the custom op against a triton_op (bits, recompiles, host time).
+if step "compile op check" "$OUT/compile_op.log" "$(( $(left) - 150 < 100 ? $(left) - 150 : 100 ))" \
+  "$PYTHON" bench/compile_op_check.py; then
+  note "$(tail -n 12 "$OUT/compile_op.log")"
+else
+  note "$(tail -n 30 "$OUT/compile_op.log")"
+fi
+rm -f "$OUT/compile_op.log"
 
 pipeline_limit=$(( $(left) - 90 < PIPELINE_LIMIT ? $(left) - 90 : PIPELINE_LIMIT ))
 if step "pipeline benchmark" "$OUT/pipeline.log" "$pipeline_limit" \

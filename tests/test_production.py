@@ -419,6 +419,75 @@ def test_compiled_guided_step_with_per_sample_timesteps(backend, dynamo_counters
     assert not dynamo_counters["graph_break"]
 
 
+# bench/compile_op_check.py compares, on a GPU, the custom op with a torch.library.triton_op route. That route
+# cannot be run here (wrap_triton leaves interpreted kernels unwrapped), but it must trace: checked in a process
+# without TRITON_INTERPRET, the graph compiled and never run.
+TRITON_OP_TRACE = r"""
+import json, operator, sys
+import torch
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+sys.path.insert(0, "bench")
+import compile_op_check
+import fastddim
+from fastddim.kernels import ddim
+
+class Traced(Exception):
+    pass
+
+def record(graph, example_inputs):
+    calls = [node for node in graph.graph.nodes if node.op == "call_function" and node.target is not operator.getitem]
+    kernels = [node for node in calls if "triton_kernel_wrapper" in str(node.target)]
+    raise Traced(json.dumps({
+        "calls": [str(node.target) for node in calls],
+        "step_kernel": [kernel_side_table.get_kernel(node.kwargs["kernel_idx"]) is ddim._ddim_step_kernel
+                        for node in kernels],
+        "constexprs": [{k: v for k, v in node.kwargs["kwargs"].items() if k.isupper()} for node in kernels],
+    }))
+
+scheduler = fastddim.DDIMScheduler()
+scheduler.set_timesteps(50)
+model_output, sample = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+compiled = torch.compile(compile_op_check.triton_op_step(scheduler), backend=aot_autograd(fw_compiler=record),
+                         fullgraph=True)
+try:
+    compiled(model_output, sample, scheduler.timesteps[3])
+except Exception as error:
+    while error is not None and not isinstance(error, Traced):
+        error = error.__cause__ or error.__context__
+    if error is None:
+        raise
+    print("TRACED " + str(error))
+"""
+
+
+def test_compile_op_check_triton_op_traces_to_one_step_kernel_launch(tmp_path):
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    environment = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTDDIM_BACKEND")}
+    done = subprocess.run([sys.executable, "-c", TRITON_OP_TRACE], cwd=root, env=environment, capture_output=True,
+                          text=True, timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("TRACED ")]
+    assert lines, done.stdout[-2000:] + done.stderr[-4000:]
+    traced = json.loads(lines[-1][len("TRACED "):])
+    assert traced["step_kernel"] == [True], traced["calls"]
+    # Two outputs allocated and one launch, with the constexprs of the scheduler's default step (epsilon, clipped)
+    # and a 0-d timestep tensor.
+    assert sorted(traced["calls"]) == ["aten.empty_like.default"] * 2 + [
+        "triton_kernel_wrapper_functional"], traced["calls"]
+    constexprs = traced["constexprs"][0]
+    assert constexprs["PREDICTION"] == fastddim.kernels.ddim.PREDICTION_CODES["epsilon"]
+    assert constexprs["TIMESTEP_MODE"] == fastddim.kernels.ddim.TIMESTEP_TENSOR
+    assert constexprs["WRITE_PREV"] and constexprs["WRITE_X0"] and constexprs["CLIP"]
+    assert not constexprs["THRESHOLD"] and constexprs["NOISE"] == fastddim.kernels.ddim.NOISE_NONE
+
+
 def test_custom_op_passes_torch_library_opcheck():
     scheduler = make_scheduler()
     table = scheduler._table_on(torch.device(DEVICE))
