@@ -12,8 +12,8 @@ device, side by side:
 
 - bits: each route's outputs under torch.compile against the eager step, at three timesteps;
 - recompiles across timesteps (there must be none);
-- host time per call (perf_counter over back-to-back calls, the GPU synchronised between batches only) under
-  the default mode and under mode="reduce-overhead" (CUDA graphs), with the eager step as reference.
+- host time per call under the default mode and under mode="reduce-overhead" (CUDA graphs), interleaved with
+  the eager step's (`fastddim.benchmark.time_host`; the GPU synchronised between batches only).
 
 What we expect, and why fastddim keeps the custom op unless this shows otherwise: Inductor compiles a
 user-defined kernel from its source with its own compile options, and in torch 2.11-2.13 those carry no
@@ -35,6 +35,7 @@ import torch
 import torch._dynamo
 
 import fastddim
+from fastddim import benchmark
 from fastddim.kernels import ddim
 from fastddim.plan import StepOptions
 
@@ -72,20 +73,6 @@ def triton_op_step(scheduler):
         return traced_step(model_output, sample, table, timestep, prediction_type, options)
 
     return step
-
-
-def host_time(fn, calls=1000, rounds=5) -> float:
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - start) / calls)
-        torch.cuda.synchronize()
-    return best * 1e6
 
 
 def compare(expected: torch.Tensor, got: torch.Tensor) -> str:
@@ -133,11 +120,13 @@ def main() -> int:
                     if name == "custom op" and (not same or frames > 1):
                         failed = True
                     t = scheduler.timesteps[TIMESTEPS[1]]
+                    # Side by side with the eager step, interleaved (the ratio is what carries across machines).
+                    contenders = {"compiled": lambda: compiled(m, x, t), "eager": lambda: eager(m, x, t)}
+                    host = benchmark.time_host(contenders, rounds=10, sync=torch.cuda.synchronize, max_calls=500)
                     bits = "identical" if same else next(v for v in verdicts if v != "identical")
+                    compiled_us, eager_us = host["compiled"]["median_us"], host["eager"]["median_us"]
                     print(f"{mode:15s} {name:9s}: {bits}; graphs compiled {frames}; first calls {first:.1f} s; "
-                          f"host {host_time(lambda: compiled(m, x, t)):.1f} us per call")
-            t = scheduler.timesteps[TIMESTEPS[1]]
-            print(f"{'eager':15s} {'step':9s}: host {host_time(lambda: eager(m, x, t)):.1f} us per call")
+                          f"host {compiled_us:.1f} us per call, eager step {eager_us:.1f}")
     return 1 if failed else 0
 
 

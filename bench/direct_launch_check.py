@@ -18,7 +18,7 @@ import time
 import torch
 
 import fastddim
-from fastddim import ops
+from fastddim import benchmark, ops
 from fastddim.kernels import ddim, launch, threshold
 
 LAUNCHERS = (ddim._step_launcher, threshold._pass_launcher, threshold._select_launcher)
@@ -61,18 +61,9 @@ def cases():
         uncond_output=randn(2, 4, 16, 16, dtype=torch.bfloat16), guidance_scale=7.5, guidance_rescale=0.7)
 
 
-def host_time(fn, calls=2000, rounds=5) -> float:
-    for _ in range(100):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - start) / calls)
-        torch.cuda.synchronize()
-    return best * 1e6
+def host_time(fn) -> float:
+    """Host microseconds per call (min over rounds of back-to-back calls; the GPU synchronised between rounds)."""
+    return benchmark.time_host({"fn": fn}, rounds=5, sync=torch.cuda.synchronize, max_calls=2000)["fn"]["min_us"]
 
 
 def main() -> int:
