@@ -87,6 +87,7 @@ class DDIMSchedulerOutput(_OutputFields):
 
 _is_compiling = torch.compiler.is_compiling  # traced by torch.compile as itself, whatever its name
 _INFINITY = math.inf
+_INT64 = torch.int64
 _new_output = DDIMSchedulerOutput.__new__
 _set_item = OrderedDict.__setitem__
 
@@ -413,12 +414,11 @@ class _DDIMBase(SchedulerConfigMixin):
         compiling = _is_compiling()
         num_train = state["_num_train"]
         if type(timestep) is not int or not 0 <= timestep < num_train:
-            # A 0-d CPU tensor, as pipelines pass it, read in one call: its tolist() is an int for integer dtypes
-            # only (a float or a bool otherwise, which the full check turns down).
+            # A 0-d int64 CPU tensor, as pipelines pass it, read in one call; other timesteps take the full check.
             value = (timestep.tolist() if type(timestep) is torch.Tensor and not compiling and timestep.is_cpu
-                     and not timestep.dim() else None)
-            timestep = value if type(value) is int and 0 <= value < num_train else self._resolve_timestep(timestep,
-                                                                                                            sample)
+                     and not timestep.dim() and timestep.dtype is _INT64 else None)
+            timestep = value if value is not None and 0 <= value < num_train else self._resolve_timestep(timestep,
+                                                                                                           sample)
         if type(eta) is not float or not 0.0 <= eta < _INFINITY:  # a float in range needs no conversion or check
             eta = ops.check_eta(eta)
         if generator is not None and variance_noise is not None:

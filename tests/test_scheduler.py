@@ -877,6 +877,8 @@ STEP_INPUT_ERRORS = [
                  id="timestep-tensor-negative"),
     pytest.param(lambda: randn(1), torch.tensor(True), lambda: randn(2), TypeError, "timestep",
                  id="timestep-bool-tensor"),
+    pytest.param(lambda: randn(1), torch.tensor(500, dtype=torch.uint32), lambda: randn(2), TypeError, "timestep",
+                 id="timestep-uint32-tensor"),
     pytest.param(lambda: randn(1), 500.0, lambda: randn(2), TypeError, "timestep", id="timestep-float"),
     pytest.param(lambda: randn(1), torch.tensor(500.0), lambda: randn(2), TypeError, "timestep",
                  id="timestep-float-tensor"),
