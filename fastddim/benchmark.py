@@ -469,20 +469,25 @@ that runs before the kernel, which is what a GPU step costs on the host besides 
 path, and diffusers' eager step, each with real tensors on the CPU. CUDA: wall time per call over back-to-back
 calls (perf_counter around batches, the GPU synchronised between batches only). Default DDIMScheduler config,
 set_timesteps(50), timestep timesteps[10]; eta=1 cases draw noise from a generator (diffusers and fastddim's torch
-path: torch.Generator; fastddim's Triton backend: PhiloxGenerator, drawn in the kernel); guided: classifier-free guidance at scale 7.5 (fastddim fuses
-it into the step, diffusers' pipelines compute it before the step: timed as the same formula plus the step).
+path: torch.Generator; fastddim's Triton backend: PhiloxGenerator, drawn in the kernel); guided: classifier-free
+guidance at scale 7.5 (fastddim fuses it into the step, diffusers' pipelines compute it before the step: timed as
+the same formula plus the step);
+pipeline call: the step as diffusers' pipelines call it, in a loop under torch.no_grad() with the 0-d tensor
+timestep, eta and generator as keywords and return_dict=False.
 """
 
 
 @dataclass(frozen=True)
 class HostCase:
-    """One host-overhead case: noise from a generator (eta > 0), a 0-d tensor timestep, thresholding, guidance."""
+    """One host-overhead case: noise from a generator (eta > 0), a 0-d tensor timestep, thresholding, guidance,
+    or called as pipelines call it (`pipeline_call`: timed under torch.no_grad(), with return_dict=False)."""
 
     name: str
     eta: float = 0.0
     tensor_timestep: bool = False
     thresholding: bool = False
     guided: bool = False
+    pipeline_call: bool = False
 
 
 HOST_CASES = (
@@ -491,6 +496,7 @@ HOST_CASES = (
     HostCase("step eta=1 generator", eta=1.0),
     HostCase("thresholded", thresholding=True),
     HostCase("guided", guided=True),
+    HostCase("pipeline call", tensor_timestep=True, pipeline_call=True),
 )
 
 
@@ -553,23 +559,24 @@ def host_steps(case: HostCase, device, seed: int = 0, philox: bool = True) -> di
     if case.eta > 0:
         noise_source = (fastddim.PhiloxGenerator(seed, device=device) if philox
                         else torch.Generator(device).manual_seed(seed))
+    options = {"return_dict": False} if case.pipeline_call else {}
     if case.guided:
         steps["fastddim"] = functools.partial(fast.guided_step, uncond, model_output, timestep, sample, 7.5,
-                                              eta=case.eta, generator=noise_source)
+                                              eta=case.eta, generator=noise_source, **options)
     else:
         steps["fastddim"] = functools.partial(fast.step, model_output, timestep, sample, eta=case.eta,
-                                              generator=noise_source)
+                                              generator=noise_source, **options)
     if "diffusers" in schedulers:
         slow = schedulers["diffusers"]
         noise_generator = torch.Generator(device).manual_seed(seed) if case.eta > 0 else None
         if case.guided:
             def diffusers_guided():
                 guided = uncond + 7.5 * (model_output - uncond)
-                return slow.step(guided, timestep, sample, eta=case.eta, generator=noise_generator)
+                return slow.step(guided, timestep, sample, eta=case.eta, generator=noise_generator, **options)
             steps["diffusers"] = diffusers_guided
         else:
             steps["diffusers"] = functools.partial(slow.step, model_output, timestep, sample, eta=case.eta,
-                                                   generator=noise_generator)
+                                                   generator=noise_generator, **options)
     return steps
 
 
@@ -591,24 +598,33 @@ def run_host(device=None, quick: bool = False, rounds: int | None = None,
     results = {"shape": list(HOST_SHAPE), "method": " ".join(HOST_METHOD.split()), "cases": []}
     with torch_threads(None if on_gpu else 1):
         for case in HOST_CASES:
-            timings = {}
-            if on_gpu:
-                timings.update(time_host(host_steps(case, device), **timing))
-            else:
-                if ops.triton_available():
-                    with stubbed_launches():
-                        stubbed = host_steps(case, device)["fastddim"]
-                        timings["fastddim launch stubbed"] = time_host({"fastddim": stubbed}, **timing)["fastddim"]
-                with forced_backend("torch"):
-                    steps = host_steps(case, device, philox=False)
-                    measured = time_host(steps, **timing)
-                timings["fastddim torch path"] = measured.pop("fastddim")
-                timings.update(measured)
+            grad_mode = torch.no_grad() if case.pipeline_call else contextlib.nullcontext()
+            with grad_mode:
+                timings = _time_host_case(case, device, on_gpu, timing)
             entry = {"name": case.name, "timings": timings}
             results["cases"].append(entry)
             if progress is not None:
                 progress(f"host {case.name}: " + ", ".join(f"{name} {_cell(t)} us" for name, t in timings.items()))
     return results
+
+
+def _time_host_case(case: HostCase, device: torch.device, on_gpu: bool, timing: dict) -> dict:
+    """The timings of one host case: fastddim and diffusers on a GPU; on the CPU fastddim's Triton backend with its
+    launches stubbed (where triton is installed), its torch path and diffusers."""
+    timings = {}
+    if on_gpu:
+        timings.update(time_host(host_steps(case, device), **timing))
+        return timings
+    if ops.triton_available():
+        with stubbed_launches():
+            stubbed = host_steps(case, device)["fastddim"]
+            timings["fastddim launch stubbed"] = time_host({"fastddim": stubbed}, **timing)["fastddim"]
+    with forced_backend("torch"):
+        steps = host_steps(case, device, philox=False)
+        measured = time_host(steps, **timing)
+    timings["fastddim torch path"] = measured.pop("fastddim")
+    timings.update(measured)
+    return timings
 
 
 def format_host_table(host: dict) -> str:
