@@ -138,7 +138,13 @@ class DirectLauncher:
         self.enabled = direct_launch_supported() if enabled is None else enabled
         self.compiled: dict = {}
         self.fixed_keys: dict = {}  # the fixed parts of prepared launches' keys, numbered
-        runtime_parameters = [p for p in getattr(kernel, "params", ()) if not p.is_constexpr]
+        parameters = list(getattr(kernel, "params", ()))  # an interpreted kernel has none: it is never run here
+        runtime_parameters = [p for p in parameters if not p.is_constexpr]
+        # CompiledKernel.run takes every argument in declaration order, and a direct launch passes the constexprs
+        # after the runtime arguments: right only for a kernel that declares them last.
+        if any(p.is_constexpr for p in parameters[:len(runtime_parameters)]):
+            raise ValueError(f"{getattr(kernel, '__name__', kernel)} declares a constexpr before a runtime "
+                             "parameter: a DirectLauncher needs its constexprs declared last")
         self.do_not_specialize = tuple(i for i, p in enumerate(runtime_parameters) if p.do_not_specialize)
 
     def prepare(self, constexprs: dict, tensor_count: int | None = None, varying: tuple = ()) -> PreparedLaunch:

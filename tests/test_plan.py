@@ -692,6 +692,25 @@ def test_prepared_launches_take_the_constexprs_in_the_kernels_order():
         launch.DirectLauncher(kernel).prepare({k: v for k, v in constexprs.items() if k != "BLOCK"})
 
 
+def test_direct_launchers_refuse_a_kernel_with_a_constexpr_before_a_runtime_parameter():
+    """CompiledKernel.run takes the arguments in declaration order and a direct launch appends the constexprs:
+    every launched kernel declares them last, and a kernel that does not is refused when its launcher is made."""
+    from fastddim.kernels import threshold as threshold_module
+
+    for interpreted in (ddim_module._ddim_step_kernel, threshold_module._threshold_pass_kernel,
+                        threshold_module._threshold_select_kernel):
+        kernel = JITFunction(interpreted.fn, **interpreted.kwargs)
+        flags = [p.is_constexpr for p in kernel.params]
+        assert flags == sorted(flags), kernel.fn.__name__
+        launch.DirectLauncher(kernel)
+
+    def interleaved(x_ptr, BLOCK: tl.constexpr, n):
+        pass
+
+    with pytest.raises(ValueError, match="constexpr"):
+        launch.DirectLauncher(JITFunction(interleaved))
+
+
 def test_direct_launches_run_the_compiled_kernel_with_the_prepared_arguments(monkeypatch):
     """The direct branch, with stand-ins for a CUDA tensor, the driver and a compiled kernel: the first launch of a
     specialization takes the JIT launch (whose CompiledKernel is kept), later ones call CompiledKernel.run with
