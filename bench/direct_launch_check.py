@@ -2,10 +2,11 @@
 
     python bench/direct_launch_check.py            # needs CUDA and a validated triton (3.6.0)
 
-For several specializations (dtypes, an unaligned view, channels_last, per-sample timesteps, Philox noise,
-thresholding with one and with three radix levels) it runs each step twice through the JIT launch (direct
-launches off) and twice through the launchers of the step and threshold kernels (the first call of a
-specialization takes the JIT launch, the second the direct one) and requires identical outputs; then it prints
+For several specializations (dtypes, unaligned views in several argument slots, channels_last, per-sample
+timesteps, Philox noise, thresholding with one and with three radix levels) it runs each step twice through the
+JIT launch (direct launches off) and twice through the launchers of the step and threshold kernels (the first call
+of a new specialization takes the JIT launch, the second the direct one; compiled kernels are kept from case to
+case, so a key that wrongly matched an earlier case would show) and requires identical outputs; then it prints
 the host time per `scheduler.step` call at 1x4x8x8 (plain, guided, thresholded) with direct launches on and off
 (perf_counter over back-to-back calls, the GPU synchronised between batches only). Exits 1 on a mismatch.
 """
@@ -43,6 +44,9 @@ def cases():
                                    dtype=torch.float16), table, scheduler.timesteps[10]), {}
     unaligned = randn(2 * 4 * 16 * 16 + 1)[1:].view(2, 4, 16, 16)
     yield "unaligned model_output", (unaligned, randn(2, 4, 16, 16), table, 501), {}
+    yield "unaligned sample", (randn(2, 4, 16, 16), unaligned, table, 501), {}
+    yield "unaligned noise", (randn(2, 4, 16, 16), randn(2, 4, 16, 16), table, 501), dict(
+        eta=1.0, variance_noise=unaligned)
     yield "channels_last", tuple(t.contiguous(memory_format=torch.channels_last) if isinstance(t, torch.Tensor) and
                                  t.dim() == 4 else t for t in (randn(2, 4, 16, 16), randn(2, 4, 16, 16), table, 501)), {}
     yield "per-sample timesteps", (randn(3, 4, 16, 16), randn(3, 4, 16, 16), table,
@@ -73,6 +77,10 @@ def main() -> int:
     launcher = ddim._step_launcher
     print(f"triton {launch.triton.__version__}: direct launches {'on' if launcher.enabled else 'OFF (not validated)'}")
     failed = False
+    # The compiled kernels are kept across cases: a case whose key wrongly equalled an earlier case's (say an
+    # unaligned tensor keyed as aligned) would run that case's binary and show as a mismatch or a CUDA error.
+    for each in LAUNCHERS:
+        each.compiled.clear()
     for name, args, kwargs in cases():
         set_direct(False)
         ops.PLANS.clear()
@@ -82,14 +90,14 @@ def main() -> int:
         if saved is not None:
             kwargs["philox_state"].copy_(saved)
         set_direct(launch.direct_launch_supported())
-        for each in LAUNCHERS:
-            each.compiled.clear()
         ops.PLANS.clear()
+        before = sum(len(each.compiled) for each in LAUNCHERS)
         got = [ops.ddim_step(*args, **kwargs) for _ in range(2)]
+        torch.cuda.synchronize()
         same = all(torch.equal(a, b) for e, g in zip(expected, got) for a, b in zip(e, g) if a is not None)
         failed |= not same
-        direct = sum(len(each.compiled) for each in LAUNCHERS)
-        print(f"{name}: {'identical' if same else 'MISMATCH'} ({direct} direct specializations)")
+        new = sum(len(each.compiled) for each in LAUNCHERS) - before
+        print(f"{name}: {'identical' if same else 'MISMATCH'} ({new} new direct specializations)")
     m, x, u = (torch.randn(1, 4, 8, 8, device="cuda") for _ in range(3))
     for label, config in (("step", {}), ("thresholded step", dict(thresholding=True, sample_max_value=1.5))):
         scheduler = fastddim.DDIMScheduler(**config)

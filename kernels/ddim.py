@@ -577,12 +577,37 @@ class StepLauncher:
             THRESHOLD=bool(options.thresholding),
             BLOCK=BLOCK_SIZE,
         )
-        self.prepared_launch = _step_launcher.prepare(self.constexprs, STEP_TENSORS, varying=(STEP_TENSORS,))
+        self.prepared_launch = _step_launcher.prepare(self.constexprs, STEP_TENSORS, varying=(STEP_TENSORS,),
+                                                      distinct=self.distinct_tensors(options))
         self.write_prev, self.write_x0 = bool(options.write_prev_sample), bool(options.write_pred_original_sample)
         self.scalar_timestep = self.timestep_mode == TIMESTEP_SCALAR
         # Nothing to do before the launch, outputs like the sample: `__call__`'s short path.
         self.plain = (self.shared_dense and not self.needs_contiguous and self.out_dtype == sample.dtype
                       and n_elements > 0 and not options.thresholding and self.guidance_mode != GUIDANCE_RESCALED)
+
+    def distinct_tensors(self, options) -> tuple[int, ...]:
+        """The positions, among the kernel's STEP_TENSORS leading arguments, of the tensors this plan's launches
+        pass in their own right; every other position repeats one of them as the placeholder of an input the plan
+        does not have (sample for uncond and noise, the outputs for each other, table for the rest: see `__call__`
+        and `launch`), so the direct launcher reads the alignment of these alone."""
+        positions = [0, 2, 6]  # model_output, sample, table
+        if self.guidance_mode != GUIDANCE_NONE:
+            positions.append(1)  # uncond_output
+        if self.noise_mode == NOISE_TENSOR:
+            positions.append(3)  # variance_noise
+        if options.write_prev_sample:
+            positions.append(4)  # prev_sample (or x0 where prev is not written: then 5 holds it too)
+        if options.write_pred_original_sample:
+            positions.append(5)  # pred_original_sample
+        if self.timestep_mode != TIMESTEP_SCALAR:
+            positions.append(7)  # the timestep tensor
+        if self.noise_mode == NOISE_PHILOX:
+            positions.append(8)  # the generator's buffer
+        if self.guidance_mode == GUIDANCE_RESCALED:
+            positions.append(9)  # the guidance statistics
+        if options.thresholding:
+            positions.append(10)  # the per-sample thresholds
+        return tuple(sorted(positions))
 
     def allocate(self, sample: torch.Tensor) -> torch.Tensor:
         if self.shared_dense:

@@ -20,6 +20,8 @@ direct launch is safe under CUDA-graph capture once the specialization ran eager
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import triton
 from triton import knobs
@@ -79,6 +81,11 @@ def specialization_key(args, do_not_specialize: tuple[int, ...] | frozenset[int]
     return tuple(key)
 
 
+# What specialization_key gives one do-not-specialize int in int32 range (the timestep): DirectLauncher.launch_key
+# returns it without the call.
+_INT32_KEY = specialization_key([0], (0,))
+
+
 def direct_launch_supported(version: str | None = None, interpreted: bool | None = None) -> bool:
     """Whether direct launches may be used at all: a validated triton version, compiled (not interpreted)."""
     version = triton.__version__ if version is None else version
@@ -100,18 +107,29 @@ class PreparedLaunch:
             nothing but the constexprs is fixed (every call keys all its arguments).
         varying (`tuple`): the positions, after the tensors, of the int arguments that may change between the
             plan's launches (e.g. the timestep); every other argument after the tensors is the plan's constant.
+        distinct (`tuple`): the positions of the leading tensors whose alignment a launch reads: all of them, or
+            those the caller names, when the others always repeat one of these (placeholders for absent inputs).
+        pick_distinct (`Callable`): `args` -> the tensors at `distinct`, as a tuple.
+        unspecialized_int (`int` or None): the position of the one varying argument when it is a do-not-specialize
+            int (the timestep): its key part is read without `specialization_key`.
         fixed_key (`int` or None): the number of the key's part that is the same for every launch of the plan,
             computed at the first launch (see `DirectLauncher.launch_key`).
     """
 
-    __slots__ = ("constexprs", "constexpr_values", "jit_kwargs", "tensor_count", "varying", "fixed_key")
+    __slots__ = ("constexprs", "constexpr_values", "jit_kwargs", "tensor_count", "varying", "distinct",
+                 "pick_distinct", "unspecialized_int", "fixed_key")
 
-    def __init__(self, constexprs: dict, launch_options: dict, tensor_count: int | None, varying: tuple = ()):
+    def __init__(self, constexprs: dict, launch_options: dict, tensor_count: int | None, varying: tuple = (),
+                 distinct: tuple | None = None, unspecialized_int: int | None = None):
         self.constexprs = dict(constexprs)
         self.constexpr_values = tuple(self.constexprs.values())
         self.jit_kwargs = {**self.constexprs, **launch_options}
         self.tensor_count = tensor_count
         self.varying = tuple(varying)
+        self.distinct = tuple(range(tensor_count or 0)) if distinct is None else tuple(distinct)
+        pick = operator.itemgetter(*self.distinct) if self.distinct else (lambda args: ())
+        self.pick_distinct = pick if len(self.distinct) != 1 else (lambda args: (pick(args),))
+        self.unspecialized_int = unspecialized_int
         self.fixed_key = None
 
 
@@ -147,17 +165,23 @@ class DirectLauncher:
                              "parameter: a DirectLauncher needs its constexprs declared last")
         self.do_not_specialize = tuple(i for i, p in enumerate(runtime_parameters) if p.do_not_specialize)
 
-    def prepare(self, constexprs: dict, tensor_count: int | None = None, varying: tuple = ()) -> PreparedLaunch:
+    def prepare(self, constexprs: dict, tensor_count: int | None = None, varying: tuple = (),
+                distinct: tuple | None = None) -> PreparedLaunch:
         """The `PreparedLaunch` of launches with these constexprs, ordered as the kernel declares them. A caller
         whose launches share everything but their pointers and a few ints (a step plan: dtypes, shapes, strides
         and options fixed) passes `tensor_count`, the number of leading tensor arguments, and `varying`, the
-        positions of the ints that change: see `launch_key`."""
+        positions of the ints that change: see `launch_key`. `distinct`: the positions of the leading tensors
+        that may differ from one another; every other leading tensor must be one of these in every launch (the
+        same object), so that their alignment stands for all (default: all positions)."""
         declared = [p.name for p in getattr(self.kernel, "params", ()) if p.is_constexpr]
         if declared:  # CompiledKernel.run takes the constexprs positionally, in declaration order
             if sorted(declared) != sorted(constexprs):
                 raise ValueError(f"constexprs {sorted(constexprs)} are not the kernel's {declared}")
             constexprs = {name: constexprs[name] for name in declared}
-        return PreparedLaunch(constexprs, self.launch_options, tensor_count, varying)
+        if distinct is not None and (tensor_count is None or not set(distinct) <= set(range(tensor_count))):
+            raise ValueError(f"distinct positions {distinct} must lie among the {tensor_count} leading tensors")
+        unspecialized_int = varying[0] if len(varying) == 1 and varying[0] in self.do_not_specialize else None
+        return PreparedLaunch(constexprs, self.launch_options, tensor_count, varying, distinct, unspecialized_int)
 
     def launch_key(self, args, prepared: PreparedLaunch) -> tuple:
         """The key of a launch (without the device and the JIT's settings): equal keys run the same binary.
@@ -168,8 +192,9 @@ class DirectLauncher:
         `prepared.varying` (a step plan fixes them: its key holds every input's dtype and property, and the
         outputs and scratch tensors it allocates have fixed dtypes); that fixed part (constexprs, launch options,
         the dtypes, the specialization of the constant arguments) is computed once, numbered, and kept in
-        `prepared.fixed_key`, and each call adds only the tensors' 16-byte alignment (one OR of their addresses
-        when all are aligned, the common case) and the specialization of the varying ints."""
+        `prepared.fixed_key`, and each call adds only the tensors' 16-byte alignment (one OR of the addresses of
+        the tensors at `prepared.distinct` when all are aligned, the common case; the others repeat them) and the
+        specialization of the varying ints."""
         tensor_count = prepared.tensor_count
         if tensor_count is None:
             return (tuple(prepared.constexprs.items()), self.launch_options_key,
@@ -183,13 +208,20 @@ class DirectLauncher:
                      tuple(arg.dtype for arg in args[:tensor_count]),
                      specialization_key(constants, [p - tensor_count for p in constant_positions]))
             fixed = prepared.fixed_key = self.fixed_keys.setdefault(whole, len(self.fixed_keys))
-        tensors = args[:tensor_count]
         addresses = 0
-        for tensor in tensors:
+        for tensor in prepared.pick_distinct(args):
             addresses |= tensor.data_ptr()
-        alignment = True if addresses % 16 == 0 else tuple([tensor.data_ptr() % 16 == 0 for tensor in tensors])
+        if addresses % 16 == 0:
+            alignment = True
+        else:
+            alignment = tuple([tensor.data_ptr() % 16 == 0 for tensor in args[:tensor_count]])
         if not prepared.varying:
             return (fixed, alignment)
+        position = prepared.unspecialized_int
+        if position is not None:  # the timestep: the JIT keys a do-not-specialize int on its range alone
+            value = args[position]
+            if type(value) is int and INT32_MIN <= value <= INT32_MAX:
+                return (fixed, alignment, _INT32_KEY)
         return (fixed, alignment, specialization_key([args[i] for i in prepared.varying],
                                                      [j for j, i in enumerate(prepared.varying)
                                                       if i in self.do_not_specialize]))

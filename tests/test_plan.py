@@ -645,6 +645,108 @@ def test_plan_launch_keys_separate_exactly_what_the_jit_separates_within_a_plan(
     assert recorded[0][1].fixed_key is not None  # the fixed part was computed once and kept with the plan
 
 
+def _distinct_case(name: str):
+    """ops.ddim_step arguments for one kind of step plan (which inputs it has, which outputs it writes)."""
+    generator = torch.Generator().manual_seed(3)
+
+    def randn(shape=SHAPE):
+        return torch.randn(shape, generator=generator).to(DEVICE)
+
+    table = step_table(fastddim.DDIMScheduler().alphas_cumprod, 50, 1.0).to(DEVICE)
+    args, kwargs = [randn(), randn(), table, 501], {}
+    if name == "noise":
+        kwargs.update(eta=0.5, variance_noise=randn())
+    elif name == "philox":
+        kwargs.update(eta=0.5, philox_state=fastddim.PhiloxGenerator(seeds=[1, 2], device=DEVICE).buffer)
+    elif name == "guided":
+        kwargs.update(uncond_output=randn(), guidance_scale=7.5)
+    elif name == "guided rescaled":
+        kwargs.update(uncond_output=randn(), guidance_scale=7.5, guidance_rescale=0.7)
+    elif name == "tensor timestep":
+        args[3] = torch.tensor(501, device=DEVICE)
+    elif name == "per-sample timesteps":
+        args[3] = torch.tensor([501, 21], device=DEVICE)
+    elif name == "thresholded":
+        kwargs.update(thresholding=True, sample_max_value=1.5)
+    elif name == "prev only":
+        kwargs.update(write_pred_original_sample=False)
+    elif name == "x0 only":
+        kwargs.update(write_prev_sample=False)
+    elif name == "strided":
+        args[0], args[1] = randn((2, 3, 8, 16))[..., ::2], randn().transpose(-1, -2)
+    elif name == "everything":
+        kwargs.update(eta=0.5, variance_noise=randn(), uncond_output=randn(), guidance_scale=7.5,
+                      guidance_rescale=0.7, thresholding=True, sample_max_value=1.5)
+        args[3] = torch.tensor([501, 21], device=DEVICE)
+    return args, kwargs
+
+
+@pytest.mark.parametrize("case", ["plain", "noise", "philox", "guided", "guided rescaled", "tensor timestep",
+                                  "per-sample timesteps", "thresholded", "prev only", "x0 only", "strided",
+                                  "everything"])
+def test_step_launches_repeat_a_distinct_tensor_wherever_they_pass_no_tensor_of_their_own(monkeypatch, case):
+    """The direct launcher reads the alignment of the step's distinct tensors only (StepLauncher.distinct_tensors):
+    in every kind of plan, each other leading argument of every launch is one of them, the same object."""
+    recorder = LaunchRecorder(ddim_module._step_launcher)
+    monkeypatch.setattr(ddim_module, "_step_launcher", recorder)
+    ops.PLANS.clear()
+    args, kwargs = _distinct_case(case)
+    ops.ddim_step(*args, backend="triton", **kwargs)
+    assert recorder.launches
+    for launched, prepared in recorder.launches:
+        distinct = prepared.distinct
+        assert distinct and len(distinct) < ddim_module.STEP_TENSORS
+        assert prepared.pick_distinct(launched) == tuple(launched[i] for i in distinct)
+        for position, tensor in enumerate(launched[:ddim_module.STEP_TENSORS]):
+            assert isinstance(tensor, torch.Tensor), (case, position)
+            assert any(tensor is launched[i] for i in distinct), (case, position)
+        # No placeholder among the distinct ones: each holds a tensor of its own.
+        assert len({id(launched[i]) for i in distinct}) == len(distinct), case
+
+
+def test_plan_launch_keys_see_a_misaligned_tensor_in_any_slot(monkeypatch):
+    """With the alignment read from the distinct tensors only, a misaligned sample (which also fills the uncond
+    slot) or noise still gives the key of its own JIT specialization."""
+    kernel = compiled_step_kernel()
+    launcher = launch.DirectLauncher(kernel, enabled=False)
+    recorder = LaunchRecorder(ddim_module._step_launcher)
+    monkeypatch.setattr(ddim_module, "_step_launcher", recorder)
+    table = step_table(fastddim.DDIMScheduler().alphas_cumprod, 50, 1.0).to(DEVICE)
+    storage = torch.randn(4 * 256 + 1, device=DEVICE)
+    aligned = [storage[i * 256:(i + 1) * 256].view(1, 4, 8, 8) for i in range(3)]
+    misaligned = storage[3 * 256 + 1:].view(1, 4, 8, 8)
+    ops.PLANS.clear()
+    for sample, noise in ((aligned[0], aligned[1]), (misaligned, aligned[1]), (aligned[0], misaligned),
+                          (aligned[2], aligned[0])):
+        ops.ddim_step(aligned[2], sample, table, 501, eta=0.5, variance_noise=noise, backend="triton")
+    assert len({id(prepared) for _, prepared in recorder.launches}) == 1
+    keys = [launcher.launch_key(args, prepared) for args, prepared in recorder.launches]
+    specializations = [jit_specialization(kernel, args, prepared.constexprs) for args, prepared in recorder.launches]
+    for i in range(4):
+        for j in range(4):
+            assert (keys[i] == keys[j]) == (specializations[i] == specializations[j]), (i, j)
+    assert keys[0] == keys[3] and len({keys[0], keys[1], keys[2]}) == 3
+
+
+def test_unspecialized_int_key_is_what_specialization_key_gives():
+    """The timestep's key part read without specialization_key (an int32 do-not-specialize int) equals that
+    function's, and other values still take it."""
+    kernel = compiled_step_kernel()
+    launcher = launch.DirectLauncher(kernel, enabled=False)
+    args, launched = launch_arguments("base")
+    constexprs = {k: v for k, v in launched.items() if k not in ddim_module.LAUNCH_OPTIONS}
+    position = ddim_module.STEP_TENSORS
+    general = launch.DirectLauncher(kernel, enabled=False).prepare(constexprs, ddim_module.STEP_TENSORS,
+                                                                   varying=(position,))
+    general.unspecialized_int = None  # forces specialization_key
+    fast = launcher.prepare(constexprs, ddim_module.STEP_TENSORS, varying=(position,))
+    assert fast.unspecialized_int == position
+    for value in (0, 1, 15, 16, 999, -1, 2**31 - 1, 2**31, -2**31, -2**31 - 1, 2**63, True, 5.0):
+        args[position] = value
+        fast_key, general_key = launcher.launch_key(args, fast), launcher.launch_key(args, general)
+        assert fast_key[1:] == general_key[1:], value
+
+
 def test_threshold_plan_launch_keys_separate_exactly_what_the_jit_separates(monkeypatch):
     """The threshold passes launch through their own direct launchers with one prepared launch per radix level:
     within a step plan, two launches of a level get equal keys exactly when triton's JIT specializes them equally
