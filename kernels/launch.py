@@ -178,8 +178,10 @@ class DirectLauncher:
             if sorted(declared) != sorted(constexprs):
                 raise ValueError(f"constexprs {sorted(constexprs)} are not the kernel's {declared}")
             constexprs = {name: constexprs[name] for name in declared}
-        if distinct is not None and (tensor_count is None or not set(distinct) <= set(range(tensor_count))):
-            raise ValueError(f"distinct positions {distinct} must lie among the {tensor_count} leading tensors")
+        if distinct is not None and (tensor_count is None or not distinct
+                                     or not set(distinct) <= set(range(tensor_count))):
+            raise ValueError(f"distinct must name some of the {tensor_count} leading tensors' positions, got "
+                             f"{distinct}")
         unspecialized_int = varying[0] if len(varying) == 1 and varying[0] in self.do_not_specialize else None
         return PreparedLaunch(constexprs, self.launch_options, tensor_count, varying, distinct, unspecialized_int)
 

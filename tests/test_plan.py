@@ -792,6 +792,9 @@ def test_prepared_launches_take_the_constexprs_in_the_kernels_order():
     assert prepared.jit_kwargs == {**constexprs, **ddim_module.LAUNCH_OPTIONS}
     with pytest.raises(ValueError, match="constexprs"):
         launch.DirectLauncher(kernel).prepare({k: v for k, v in constexprs.items() if k != "BLOCK"})
+    for distinct, tensor_count in (((0, 11), 11), ((), 11), ((0,), None)):
+        with pytest.raises(ValueError, match="distinct"):
+            launch.DirectLauncher(kernel).prepare(constexprs, tensor_count, distinct=distinct)
 
 
 def test_direct_launchers_refuse_a_kernel_with_a_constexpr_before_a_runtime_parameter():
