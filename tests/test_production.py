@@ -379,7 +379,7 @@ def dynamo_counters():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager", "inductor"])
 def test_compiled_loop_has_one_graph_and_no_recompiles(backend, dynamo_counters, compile_backend):
     scheduler = make_scheduler(prediction_type="v_prediction")
     generator = PhiloxGenerator(seed=11, device=DEVICE)
