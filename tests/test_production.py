@@ -403,6 +403,27 @@ def test_compiled_loop_has_one_graph_and_no_recompiles(backend, dynamo_counters,
     torch.testing.assert_close(sample, eager_sample, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_step_compiled_by_inductor_gives_the_eager_steps_bits(monkeypatch, dynamo_counters, dtype):
+    """What bench/compile_op_check.py requires of the custom op on a GPU: under Inductor, at any timestep, the
+    compiled Triton step's outputs are the eager step's, bit for bit, from one graph. (The torch path is traced
+    into Inductor's own fused code, whose rounding is Inductor's: within float32 rounding of the eager step.)"""
+    monkeypatch.setenv("FASTDDIM_BACKEND", "triton")
+    scheduler = make_scheduler()
+
+    def step(model_output, sample, timestep):
+        return scheduler.step(model_output, timestep, sample, return_dict=False)
+
+    compiled = torch.compile(step, fullgraph=True, backend="inductor")
+    model_output, sample = randn(*SHAPE, seed=23, dtype=dtype), randn(*SHAPE, seed=24, dtype=dtype)
+    timesteps = scheduler.timesteps.to(DEVICE)
+    for index in (0, 4, timesteps.shape[0] - 1):
+        got, expected = compiled(model_output, sample, timesteps[index]), step(model_output, sample, timesteps[index])
+        for a, b in zip(got, expected):
+            assert a.dtype == b.dtype == dtype and torch.equal(a, b), index
+    assert dynamo_counters["stats"]["unique_graphs"] == 1
+
+
 def test_compiled_guided_step_with_per_sample_timesteps(backend, dynamo_counters):
     scheduler = make_scheduler()
 
