@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DEVICE, truth_alphas, truth_step
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -101,6 +101,15 @@ def error_bound(truth, x, m, divisor, dtype, output_rounding=1.0):
 
 @given(config=configurations(), inputs=step_inputs(), num_inference_steps=st.integers(1, 30),
        step_index=st.integers(0, 29), eta=st.sampled_from([0.0, 0.0, 0.3, 1.0]), use_clipped=st.booleans())
+# Found by the long profile: at t = 999 of the cosine schedule sqrt(alpha_t) is 5e-5, so a float16 x0 (and prev)
+# lies beyond float16's range, where the correctly rounded result is an infinity.
+@example(config=dict(num_train_timesteps=1000, prediction_type="epsilon", clip_sample=False, clip_sample_range=1.0,
+                     set_alpha_to_one=False, steps_offset=0, timestep_spacing="trailing",
+                     rescale_betas_zero_snr=False, thresholding=False, dynamic_thresholding_ratio=0.995,
+                     sample_max_value=1.0, beta_schedule="squaredcos_cap_v2"),
+         inputs=([1, 2, 3], torch.float16, "sliced", 1), num_inference_steps=1, step_index=0, eta=0.0,
+         use_clipped=False)
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the interpreter's numpy casts
 def test_fuzz_step_against_float64_truth_and_diffusers(backend, config, inputs, num_inference_steps, step_index, eta,
                                                         use_clipped):
     shape, dtype, layout, seed = inputs
@@ -141,8 +150,15 @@ def test_fuzz_step_against_float64_truth_and_diffusers(backend, config, inputs, 
     output_rounding = 2.0 if dtype == torch.bfloat16 and backend == "triton" and kernels.INTERPRETED else 1.0
     for got, truth in ((out.prev_sample, truth_prev), (out.pred_original_sample, truth_x0)):
         assert got.dtype == dtype and got.shape == sample.shape
-        error = (got.cpu().double() - truth).abs().max().item()
-        assert error <= error_bound(truth, sample.cpu(), model_output.cpu(), divisor, dtype, output_rounding)
+        got = got.cpu().double()
+        bound = error_bound(truth, sample.cpu(), model_output.cpu(), divisor, dtype, output_rounding)
+        # Where the exact result lies beyond the dtype's range (float16 x0 at a tiny alpha_t), rounding gives an
+        # infinity of its sign; within the bound of the range's edge, the largest finite value may come instead.
+        beyond = ~torch.isfinite(truth.to(dtype))
+        assert torch.equal(got[beyond].sign(), truth[beyond].sign())
+        assert (got[beyond].isinf() | ((got[beyond] - truth[beyond]).abs() <= bound)).all()
+        error = (got[~beyond] - truth[~beyond]).abs().max().item() if (~beyond).any() else 0.0
+        assert error <= bound
 
     # diffusers rounds every intermediate: compare where that is small. At eta > 0 its float32 radicand
     # 1 - alpha_prev - std^2 carries an absolute error of about 1e-7, which its square root magnifies beyond the bound
