@@ -389,6 +389,11 @@ def _threshold_select_kernel(
         tl.store(sample_hist + NUM_BINS + bins, tl.zeros([NUM_BINS], dtype=tl.int64))
 
 
+def _bit_pattern(value: torch.Tensor) -> int:
+    """The bit pattern of a 0-d float32 or float64 tensor, as the select kernel takes its float arguments."""
+    return int(value.view(torch.int64 if value.dtype == torch.float64 else torch.int32))
+
+
 @functools.lru_cache(maxsize=64)
 def _quantile_indices_on_host(n: int, ratio: float, math_fp64: bool) -> tuple[int, int, int]:
     """(below, above, bit pattern of the weight) of torch.quantile over `n` elements, computed by torch's own
@@ -397,7 +402,7 @@ def _quantile_indices_on_host(n: int, ratio: float, math_fp64: bool) -> tuple[in
     the product)."""
     dtype = torch.float64 if math_fp64 else torch.float32
     below, above, weight = quantile_indices(max(n, 1), ratio, dtype)
-    return int(below), int(above), int(weight.view(torch.int64 if math_fp64 else torch.int32))
+    return int(below), int(above), _bit_pattern(weight)
 
 
 class ThresholdPlan:
@@ -430,8 +435,7 @@ class ThresholdPlan:
         lo, hi, self.bound = window_bits(max_value, self.math_dtype)
         # A bound of at most 1 makes s that bound or NaN: the select kernel writes it (no lerp, no clamp).
         self.bound_only = self.bound <= 1
-        self.bound_bits = int(torch.tensor(self.bound, dtype=self.math_dtype).view(
-            torch.int64 if math_fp64 else torch.int32))
+        self.bound_bits = _bit_pattern(torch.tensor(self.bound, dtype=self.math_dtype))
         self.levels = levels = radix_levels(lo, hi, RADIX_BITS)
         top = levels * RADIX_BITS
         # One zero-filled buffer per call: the histograms and counts (all-reduced by sum), then the extremes (max).
