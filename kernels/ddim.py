@@ -578,18 +578,19 @@ class StepLauncher:
             BLOCK=BLOCK_SIZE,
         )
         self.prepared_launch = _step_launcher.prepare(self.constexprs, STEP_TENSORS, varying=(STEP_TENSORS,),
-                                                      distinct=self.distinct_tensors(options))
+                                                      distinct=self.distinct_tensors())
         self.write_prev, self.write_x0 = bool(options.write_prev_sample), bool(options.write_pred_original_sample)
         self.scalar_timestep = self.timestep_mode == TIMESTEP_SCALAR
         # Nothing to do before the launch, outputs like the sample: `__call__`'s short path.
         self.plain = (self.shared_dense and not self.needs_contiguous and self.out_dtype == sample.dtype
                       and n_elements > 0 and not options.thresholding and self.guidance_mode != GUIDANCE_RESCALED)
 
-    def distinct_tensors(self, options) -> tuple[int, ...]:
+    def distinct_tensors(self) -> tuple[int, ...]:
         """The positions, among the kernel's STEP_TENSORS leading arguments, of the tensors this plan's launches
         pass in their own right; every other position repeats one of them as the placeholder of an input the plan
         does not have (sample for uncond and noise, the outputs for each other, table for the rest: see `__call__`
         and `launch`), so the direct launcher reads the alignment of these alone."""
+        options = self.options
         positions = [0, 2, 6]  # model_output, sample, table
         if self.guidance_mode != GUIDANCE_NONE:
             positions.append(1)  # uncond_output
