@@ -267,7 +267,7 @@ def build_plan(model_output, sample, table, timestep, options: StepOptions, vari
                             uncond_output)
 
         return StepPlan(options, backend, run, launcher)
-    return StepPlan(options, backend, launcher, launcher)
+    return StepPlan(options, backend, launcher.run, launcher)
 
 
 class _HostRows:

@@ -11,6 +11,7 @@ step can be captured in a CUDA graph and replayed for every timestep. Arguments 
 from __future__ import annotations
 
 import math
+import operator
 import struct
 
 import torch
@@ -577,38 +578,47 @@ class StepLauncher:
             THRESHOLD=bool(options.thresholding),
             BLOCK=BLOCK_SIZE,
         )
-        self.prepared_launch = _step_launcher.prepare(self.constexprs, STEP_TENSORS, varying=(STEP_TENSORS,),
-                                                      distinct=self.distinct_tensors())
         self.write_prev, self.write_x0 = bool(options.write_prev_sample), bool(options.write_pred_original_sample)
         self.scalar_timestep = self.timestep_mode == TIMESTEP_SCALAR
+        self.sources = self.argument_sources()
+        # A launch's leading arguments, gathered in one C call from (model_output, uncond_output, sample,
+        # variance_noise, prev, x0, table, timestep, philox_state, stats, threshold, timestep value, 0).
+        self.gather = operator.itemgetter(*self.sources)
+        self.prepared_launch = _step_launcher.prepare(self.constexprs, STEP_TENSORS, varying=(STEP_TENSORS,),
+                                                      distinct=self.distinct_tensors())
         # Nothing to do before the launch, outputs like the sample: `__call__`'s short path.
         self.plain = (self.shared_dense and not self.needs_contiguous and self.out_dtype == sample.dtype
                       and n_elements > 0 and not options.thresholding and self.guidance_mode != GUIDANCE_RESCALED)
+        # What a step plan calls at every step: a function, which costs less to call than this object.
+        self.run = self.plain_launch() if self.plain else self.launch
+
+    def argument_sources(self) -> tuple[int, ...]:
+        """Where each of the kernel's STEP_TENSORS + 1 leading arguments comes from: its position in the tuple a
+        launch gathers, `(model_output, uncond_output, sample, variance_noise, prev, x0, table, timestep,
+        philox_state, stats, threshold, timestep value, 0)`, which is the kernel's parameter order. An input the
+        plan does not have takes a placeholder the kernel never reads: the sample for uncond and noise, each
+        output for the other, the table for the rest; the timestep value is 0 when the timestep is a tensor."""
+        options = self.options
+        return (
+            0,
+            1 if self.guidance_mode != GUIDANCE_NONE else 2,
+            2,
+            3 if self.noise_mode == NOISE_TENSOR else 2,
+            4 if options.write_prev_sample else 5,
+            5 if options.write_pred_original_sample else 4,
+            6,
+            6 if self.timestep_mode == TIMESTEP_SCALAR else 7,
+            8 if self.noise_mode == NOISE_PHILOX else 6,
+            9 if self.guidance_mode == GUIDANCE_RESCALED else 6,
+            10 if options.thresholding else 6,
+            11 if self.timestep_mode == TIMESTEP_SCALAR else 12,
+        )
 
     def distinct_tensors(self) -> tuple[int, ...]:
         """The positions, among the kernel's STEP_TENSORS leading arguments, of the tensors this plan's launches
-        pass in their own right; every other position repeats one of them as the placeholder of an input the plan
-        does not have (sample for uncond and noise, the outputs for each other, table for the rest: see `__call__`
-        and `launch`), so the direct launcher reads the alignment of these alone."""
-        options = self.options
-        positions = [0, 2, 6]  # model_output, sample, table
-        if self.guidance_mode != GUIDANCE_NONE:
-            positions.append(1)  # uncond_output
-        if self.noise_mode == NOISE_TENSOR:
-            positions.append(3)  # variance_noise
-        if options.write_prev_sample:
-            positions.append(4)  # prev_sample (or x0 where prev is not written: then 5 holds it too)
-        if options.write_pred_original_sample:
-            positions.append(5)  # pred_original_sample
-        if self.timestep_mode != TIMESTEP_SCALAR:
-            positions.append(7)  # the timestep tensor
-        if self.noise_mode == NOISE_PHILOX:
-            positions.append(8)  # the generator's buffer
-        if self.guidance_mode == GUIDANCE_RESCALED:
-            positions.append(9)  # the guidance statistics
-        if options.thresholding:
-            positions.append(10)  # the per-sample thresholds
-        return tuple(sorted(positions))
+        pass in their own right; every other position repeats one of them as a placeholder (`argument_sources`),
+        so the direct launcher reads the alignment of these alone."""
+        return tuple(slot for slot, source in enumerate(self.sources[:STEP_TENSORS]) if source == slot)
 
     def allocate(self, sample: torch.Tensor) -> torch.Tensor:
         if self.shared_dense:
@@ -617,22 +627,30 @@ class StepLauncher:
 
     def __call__(self, model_output, sample, table, timestep, variance_noise=None, philox_state=None,
                  uncond_output=None, thresholds=None):
-        if self.plain:  # the common case, kept short: this runs at every step
-            prev = torch.empty_like(sample) if self.write_prev else None
-            x0 = torch.empty_like(sample) if self.write_x0 else None
-            scalar = self.scalar_timestep
-            arguments = (
-                model_output, uncond_output if uncond_output is not None else sample, sample,
-                variance_noise if variance_noise is not None else sample, prev if prev is not None else x0,
-                x0 if x0 is not None else prev, table, table if scalar else timestep,
-                philox_state if philox_state is not None else table, table, table, int(timestep) if scalar else 0,
-                *self.scalar_arguments,
-            )
-            # The kernel is looked up per call: one replaced at run time (a test's launch recorder) is launched.
-            _step_launcher(_ddim_step_kernel, self.grid, arguments, self.prepared_launch)
-            return prev, x0
+        if self.plain:
+            return self.run(model_output, sample, table, timestep, variance_noise, philox_state, uncond_output)
         return self.launch(model_output, sample, table, timestep, variance_noise, philox_state, uncond_output,
                            thresholds)
+
+    def plain_launch(self):
+        """`launch` for a plan with nothing to do before the launch and outputs like the sample (`plain`), as a
+        function of the step's tensors holding everything else: the common case, kept short (it runs at every
+        step)."""
+        gather, scalar_arguments, grid, prepared = self.gather, self.scalar_arguments, self.grid, self.prepared_launch
+        write_prev, write_x0, scalar_timestep = self.write_prev, self.write_x0, self.scalar_timestep
+        empty_like = torch.empty_like
+
+        def run(model_output, sample, table, timestep, variance_noise=None, philox_state=None, uncond_output=None):
+            prev = empty_like(sample) if write_prev else None
+            x0 = empty_like(sample) if write_x0 else None
+            arguments = gather((model_output, uncond_output, sample, variance_noise, prev, x0, table, timestep,
+                                philox_state, table, table, int(timestep) if scalar_timestep else 0, 0))
+            # The launcher and the kernel are looked up per call: ones replaced at run time (a test's launch
+            # recorder) are the ones used.
+            _step_launcher(_ddim_step_kernel, grid, arguments + scalar_arguments, prepared)
+            return prev, x0
+
+        return run
 
     def launch(self, model_output, sample, table, timestep, variance_noise=None, philox_state=None,
                uncond_output=None, thresholds=None):
@@ -669,13 +687,8 @@ class StepLauncher:
         elif options.thresholding:
             threshold = self.threshold_plan(model_output, sample, table, timestep_arg, timestep_ptr, uncond_output,
                                             stats, clamped=False)
-        arguments = (
-            model_output, uncond_output if uncond_output is not None else sample, sample,
-            variance_noise if variance_noise is not None else sample, prev if prev is not None else x0,
-            x0 if x0 is not None else prev,
-            table, timestep_ptr, philox_state if philox_state is not None else table, stats, threshold,
-            timestep_arg, *self.scalar_arguments,
-        )
+        arguments = self.gather((model_output, uncond_output, sample, variance_noise, prev, x0, table, timestep_ptr,
+                                 philox_state, stats, threshold, timestep_arg, 0)) + self.scalar_arguments
         # The kernel is looked up per call: one replaced at run time (a test's launch recorder) is launched.
         _step_launcher(_ddim_step_kernel, self.grid, arguments, self.prepared_launch)
         return prev, x0

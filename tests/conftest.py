@@ -133,24 +133,35 @@ def backend(request, monkeypatch):
 
 @pytest.fixture
 def calls_by_backend(monkeypatch):
-    """Which implementation each step reached, in order: "torch" (fastddim.reference) or "triton" (the kernel's
-    StepLauncher)."""
+    """Which implementation each step reached, in order: "torch" (fastddim.reference) or "triton" (a StepLauncher
+    made after the fixture started: its plain launch function, or its general `launch`)."""
     from fastddim import reference
     from fastddim.kernels import ddim
 
     record = []
-    real_reference, real_launch = reference.ddim_step, ddim.StepLauncher.__call__
+    real_reference = reference.ddim_step
+    real_plain_launch, real_launch = ddim.StepLauncher.plain_launch, ddim.StepLauncher.launch
 
     def reference_step(*args, **kwargs):
         record.append("torch")
         return real_reference(*args, **kwargs)
 
-    def launcher_step(*args, **kwargs):
+    def plain_launch(self):
+        run = real_plain_launch(self)
+
+        def recorded_run(*args, **kwargs):
+            record.append("triton")
+            return run(*args, **kwargs)
+
+        return recorded_run
+
+    def launch(self, *args, **kwargs):
         record.append("triton")
-        return real_launch(*args, **kwargs)
+        return real_launch(self, *args, **kwargs)
 
     monkeypatch.setattr(reference, "ddim_step", reference_step)
-    monkeypatch.setattr(ddim.StepLauncher, "__call__", launcher_step)
+    monkeypatch.setattr(ddim.StepLauncher, "plain_launch", plain_launch)
+    monkeypatch.setattr(ddim.StepLauncher, "launch", launch)
     return record
 
 
