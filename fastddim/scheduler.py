@@ -414,8 +414,9 @@ class _DDIMBase(SchedulerConfigMixin):
         compiling = _is_compiling()
         num_train = state["_num_train"]
         if type(timestep) is not int or not 0 <= timestep < num_train:
-            # A 0-d int64 CPU tensor, as pipelines pass it, read in one call; other timesteps take the full check.
-            value = (timestep.tolist() if type(timestep) is torch.Tensor and not compiling and timestep.is_cpu
+            # A 0-d int64 CPU tensor, as pipelines pass it, read in one call (__index__, the cheapest); other
+            # timesteps take the full check.
+            value = (timestep.__index__() if type(timestep) is torch.Tensor and not compiling and timestep.is_cpu
                      and not timestep.dim() and timestep.dtype is _INT64 else None)
             timestep = value if value is not None and 0 <= value < num_train else self._resolve_timestep(timestep,
                                                                                                            sample)
