@@ -395,6 +395,18 @@ def _padded(values, fill):
     return values[:1] + (fill,) * (MAX_RANK - len(values)) + values[1:]
 
 
+def kernel_sizes(tensor, strided: bool) -> tuple:
+    """A tensor's sizes as the kernels take them: MAX_RANK values (`_padded`) when they index it by strides
+    (`strided`), ones otherwise (a flat offset indexes every tensor)."""
+    return _padded(tensor.shape, 1) if strided else (1,) * MAX_RANK
+
+
+def kernel_strides(tensor, strided: bool) -> tuple:
+    """A tensor's strides as the kernels take them: MAX_RANK values (`_padded`) when they index it by strides
+    (`strided`), zeros otherwise or for an absent tensor (None)."""
+    return _padded(tensor.stride(), 0) if tensor is not None and strided else (0,) * MAX_RANK
+
+
 def float64_bits(value: float) -> int:
     """The int64 bit pattern of a float64 (what the kernels' float64 scalar arguments take)."""
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
@@ -531,10 +543,8 @@ class StepLauncher:
         if uncond_output is not None:
             self.guidance_mode = GUIDANCE_RESCALED if options.guidance_rescale != 0 else GUIDANCE_CFG
 
-        def strides_of(tensor):
-            return _padded(tensor.stride(), 0) if tensor is not None and not self.shared_dense else (0,) * MAX_RANK
-
-        sizes = _padded(sample.shape, 1) if not self.shared_dense else (1,) * MAX_RANK
+        strided = not self.shared_dense
+        sizes = kernel_sizes(sample, strided)
         # Thresholded: the threshold passes, prepared once; the step kernel clamps their s to [1, bound] itself.
         self.threshold_plan = None
         x0_bound = options.clip_sample_range
@@ -554,8 +564,9 @@ class StepLauncher:
             table.shape[0], philox_state.shape[0] - 1 if philox_state is not None else 0,
             float64_bits(options.eta), float64_bits(x0_bound),
             float64_bits(options.guidance_scale), float64_bits(options.guidance_rescale),
-            n_elements, self.per_sample, *sizes[1:], *strides_of(model_output), *strides_of(uncond_output),
-            *strides_of(sample), *strides_of(variance_noise),
+            n_elements, self.per_sample, *sizes[1:], *kernel_strides(model_output, strided),
+            *kernel_strides(uncond_output, strided), *kernel_strides(sample, strided),
+            *kernel_strides(variance_noise, strided),
         )
         self.sample_programs = sample_programs(self.timestep_mode, self.guidance_mode, options.thresholding)
         if self.sample_programs:

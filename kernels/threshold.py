@@ -43,9 +43,9 @@ from fastddim.threshold import quantile_indices, radix_levels, window_bits
 
 from .ddim import (
     BLOCK_SIZE, GUIDANCE_CFG, GUIDANCE_NONE, GUIDANCE_RESCALED, LAUNCH_OPTIONS, PREDICTION_CODES,
-    TIMESTEP_PER_SAMPLE, TIMESTEP_SCALAR, TIMESTEP_TENSOR, _padded, _predicted_x0_eps, _step_coefficients,
+    TIMESTEP_PER_SAMPLE, TIMESTEP_SCALAR, TIMESTEP_TENSOR, _predicted_x0_eps, _step_coefficients,
     _strided_offset, _unravel, allocate_outputs,
-    float64_bits, guidance_std_ratio, needs_int64, programs_per_sample,
+    float64_bits, guidance_std_ratio, kernel_sizes, kernel_strides, needs_int64, programs_per_sample,
 )
 from .launch import DirectLauncher
 
@@ -444,18 +444,16 @@ class ThresholdPlan:
         # Indices of the order statistics and the weight: on the host from the sample size when this process
         # holds whole samples, else (sharded) on the device from the all-reduced counts, after the first pass.
         self.below, self.above, self.weight_bits = _quantile_indices_on_host(per_sample, self.ratio, math_fp64)
-        sizes = (1,) * 5 if shared_dense else _padded(sample.shape, 1)
-
-        def strides_of(tensor):
-            return _padded(tensor.stride(), 0) if not shared_dense else (0,) * 5
-
+        strided = not shared_dense
+        sizes = kernel_sizes(sample, strided)
         uncond = uncond_output if uncond_output is not None else sample
         batch_stride = sample.stride(0) if sample.dim() and batch > 1 else per_sample
         self.pass_grid = (batch, programs_per_sample(per_sample, batch, sample.device, PASS_BLOCK))
         # The pass kernel's scalar arguments after `timestep`, up to the window; then the shift of each pass.
         self.pass_scalars = (
             table.shape[0], float64_bits(guidance_scale), float64_bits(guidance_rescale), per_sample, batch_stride,
-            *sizes[1:], *strides_of(model_output), *strides_of(uncond), *strides_of(sample), lo, hi,
+            *sizes[1:], *kernel_strides(model_output, strided), *kernel_strides(uncond, strided),
+            *kernel_strides(sample, strided), lo, hi,
         )
         self.shifts = [max(top - RADIX_BITS, 0)] + [top - level * RADIX_BITS for level in range(2, levels + 1)]
         pass_constexprs = dict(
@@ -463,15 +461,26 @@ class ThresholdPlan:
             STRIDED=not shared_dense, INT64=int64, MATH_FP64=math_fp64, HISTOGRAM=levels > 0, NUM_BINS=NUM_BINS,
             BLOCK=PASS_BLOCK,
         )
+        # The leading tensors a launch passes in their own right (`__call__`): the others repeat the sample (uncond),
+        # the table (timestep, stats) or the state (ranks), so the direct launchers read the alignment of these alone.
+        pass_distinct = [0, 2, 3, 6, 7, 8, 9]  # model_output, sample, table, hist, counts, extremes, state
+        if guidance_mode != GUIDANCE_NONE:
+            pass_distinct.append(1)  # uncond_output
+        if timestep_mode != TIMESTEP_SCALAR:
+            pass_distinct.append(4)  # the timestep tensor
+        if guidance_mode == GUIDANCE_RESCALED:
+            pass_distinct.append(5)  # the guidance statistics
+        select_distinct = (0, 1, 2, 3, 4, 5) if reduce is not None else (0, 1, 2, 3, 4)  # ranks from the counts
         # One prepared launch of each kernel per level (their constexprs or shift differ); the timestep is the
         # only argument after the tensors that changes between a plan's launches.
         self.pass_launches = [_pass_launcher.prepare({**pass_constexprs, "FIRST": level == 1}, PASS_TENSORS,
-                                                     varying=(PASS_TENSORS,))
+                                                     varying=(PASS_TENSORS,), distinct=tuple(sorted(pass_distinct)))
                               for level in range(1, max(levels, 1) + 1)]
         self.select_launches = [
             _select_launcher.prepare(dict(MATH_FP64=math_fp64, FIRST=level == 1, SELECT=levels > 0,
                                           LAST=level == max(levels, 1), RANKS_ON_DEVICE=reduce is not None,
-                                          BOUND_ONLY=self.bound_only, NUM_BINS=NUM_BINS), SELECT_TENSORS)
+                                          BOUND_ONLY=self.bound_only, NUM_BINS=NUM_BINS), SELECT_TENSORS,
+                                     distinct=select_distinct)
             for level in range(1, max(levels, 1) + 1)
         ]
         self.lo = lo

@@ -704,6 +704,43 @@ def test_step_launches_repeat_a_distinct_tensor_wherever_they_pass_no_tensor_of_
         assert len({id(launched[i]) for i in distinct}) == len(distinct), case
 
 
+@pytest.mark.parametrize("case", ["thresholded", "guided", "guided rescaled", "tensor timestep",
+                                  "per-sample timesteps", "sharded", "everything"])
+def test_threshold_launches_repeat_a_distinct_tensor_wherever_they_pass_no_tensor_of_their_own(monkeypatch, case):
+    """The threshold passes' and selects' direct launches read the alignment of their distinct tensors only: in
+    every kind of thresholded plan, each other leading argument of every launch is one of them, the same object."""
+    from fastddim.kernels import threshold as threshold_module
+
+    recorders = {name: LaunchRecorder(getattr(threshold_module, name)) for name in ("_pass_launcher",
+                                                                                    "_select_launcher")}
+    for name, recorder in recorders.items():
+        monkeypatch.setattr(threshold_module, name, recorder)
+    args, kwargs = _distinct_case("everything" if case == "everything" else "thresholded")
+    kwargs.update(thresholding=True, sample_max_value=1.5)
+    generator = torch.Generator().manual_seed(5)
+    if case in ("guided", "guided rescaled"):
+        kwargs.update(uncond_output=torch.randn(SHAPE, generator=generator).to(DEVICE), guidance_scale=7.5,
+                      guidance_rescale=0.7 if case == "guided rescaled" else 0.0)
+    elif case == "tensor timestep":
+        args[3] = torch.tensor(501, device=DEVICE)
+    elif case == "per-sample timesteps":
+        args[3] = torch.tensor([501, 21], device=DEVICE)
+    elif case == "sharded":
+        kwargs["threshold_reduce"] = lambda tensor, op: None  # one process holding every shard
+    ddim_module.ddim_step(*args, **kwargs)
+    for name, recorder in recorders.items():
+        tensor_count = (threshold_module.PASS_TENSORS if name == "_pass_launcher"
+                        else threshold_module.SELECT_TENSORS)
+        assert recorder.launches, name
+        for launched, prepared in recorder.launches:
+            distinct = prepared.distinct
+            assert distinct and len(distinct) <= tensor_count
+            for position, tensor in enumerate(launched[:tensor_count]):
+                assert isinstance(tensor, torch.Tensor), (case, name, position)
+                assert any(tensor is launched[i] for i in distinct), (case, name, position)
+            assert len({id(launched[i]) for i in distinct}) == len(distinct), (case, name)
+
+
 def test_plan_launch_keys_see_a_misaligned_tensor_in_any_slot(monkeypatch):
     """With the alignment read from the distinct tensors only, a misaligned sample (which also fills the uncond
     slot) or noise still gives the key of its own JIT specialization."""
