@@ -9,5 +9,5 @@ python3 -m venv .venv39
 pip install -q torch==2.13.0 triton==3.9.0 -e '.[test]'
 python -c 'import triton; assert triton.__version__ == "3.9.0", triton.__version__'
 python -m pytest -q tests/test_kernels.py tests/test_threshold.py tests/test_kernels_compile.py \
-  tests/test_autograd.py tests/test_production.py
+  tests/test_autograd.py tests/test_production.py tests/test_plan.py
 python -m fastddim.kernels.compile_check --quiet

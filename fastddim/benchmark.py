@@ -501,7 +501,7 @@ HOST_CASES = (
 
 
 class _NoLaunch:
-    """Stands in for a Triton kernel: `kernel[grid](*args, **constexprs)` does nothing."""
+    """Stands in for a Triton kernel: `kernel[grid](*args, **options)` does nothing."""
 
     def __getitem__(self, grid):
         return _no_launch

@@ -257,8 +257,9 @@ def check_step(model_output, sample, coefficients, alphas, *, eta=0.0, variance_
 
 
 class LaunchRecorder:
-    """Stands in for the Triton kernel object in fastddim.kernels.ddim: records the keyword arguments
-    (compile-time flags) of each launch, then launches the real kernel unless `launch` is False."""
+    """Stands in for the Triton kernel object in fastddim.kernels.ddim: records each launch's arguments by
+    parameter name (the compile-time flags among them, passed by position or keyword) and its keyword options,
+    then launches the real kernel unless `launch` is False."""
 
     def __init__(self, kernel, launch=True):
         self.kernel = kernel
@@ -267,7 +268,7 @@ class LaunchRecorder:
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
-            self.launches.append(dict(kwargs, grid=grid))
+            self.launches.append(dict(zip(self.kernel.arg_names, args), **kwargs, grid=grid))
             if self.launch:
                 return self.kernel[grid](*args, **kwargs)
             return None

@@ -1099,7 +1099,7 @@ def test_write_pred_original_sample_false_skips_the_kernel_store(monkeypatch):
     class Recorder:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                flags.append(kwargs["WRITE_X0"])
+                flags.append({**dict(zip(kernel.arg_names, args)), **kwargs}["WRITE_X0"])
                 return kernel[grid](*args, **kwargs)
             return launch
 
