@@ -77,6 +77,9 @@ class StepOptions:
         """These options with clear errors for bad values, numbers as floats and flags as bools. The guidance
         weights are checked only for a guided step (`guided`), the thresholding values only when thresholding."""
         eta = check_real("eta", self.eta, minimum=0.0)
+        if not self.write_prev_sample and not self.write_pred_original_sample:
+            raise ValueError("write_prev_sample and write_pred_original_sample are both False: a step writes at "
+                             "least one of its outputs")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {self.prediction_type!r}")
         guidance_scale, guidance_rescale = self.guidance_scale, self.guidance_rescale

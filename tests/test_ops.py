@@ -322,6 +322,8 @@ def bad_arguments():
         "timestep-wrong-count": (dict(table=TABLE.to(DEVICE), timestep=torch.tensor([500, 400, 300])), ValueError,
                                  "timestep"),
         "backend-unknown": (dict(backend="cuda"), ValueError, "backend"),
+        "no-output": (dict(write_prev_sample=False, write_pred_original_sample=False), ValueError,
+                      "write_prev_sample and write_pred_original_sample"),
     }
 
 
