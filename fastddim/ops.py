@@ -178,7 +178,9 @@ def ddim_step(
         variance_noise (`torch.Tensor`, *optional*): standard normal noise of the sample's shape.
         philox_state (`torch.Tensor`, *optional*): instead, a `PhiloxGenerator.buffer` on the sample's device
             (one (seed, offset) row per sample or one for the batch, then a ticket row): the noise is drawn in the
-            kernel, and the same step adds 1 to every offset (see `fastddim.noise.PhiloxGenerator`).
+            kernel, and the same step adds 1 to every offset (see `fastddim.noise.PhiloxGenerator`). With eta > 0
+            and neither, the step returns the mean of x_{t-1}: its noise term is left out (the schedulers always
+            pass noise, drawn from their `generator`, as diffusers does).
         uncond_output (`torch.Tensor`, *optional*): the unconditional prediction; fuses classifier-free
             guidance `uncond + guidance_scale * (model_output - uncond)`, rescaled by `guidance_rescale` as
             diffusers' `rescale_noise_cfg`.

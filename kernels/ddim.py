@@ -723,7 +723,8 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, table: torch.Ten
             dynamic_thresholding_ratio, sample_max_value, write_prev_sample, write_pred_original_sample); or
             pass those as keywords (`option_values`). With thresholding, the per-sample threshold is found exactly
             by the radix-select passes of `kernels/threshold.py` (which read the inputs again, never a stored x0).
-        variance_noise: standard normal noise of the sample's shape, or None.
+        variance_noise: standard normal noise of the sample's shape, or None (with philox_state None too, a step
+            with eta > 0 returns the mean of x_{t-1}: no noise term).
         philox_state: instead of variance_noise, a `PhiloxGenerator.buffer` on the device: an int64 tensor of
             (rows + 1, 2): (seed, offset) rows, one per sample or one for the batch, then a ticket row of zeros. The
             kernel draws the noise itself (see `fastddim.reference.philox_normal`) and, in the same launch, adds 1

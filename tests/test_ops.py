@@ -356,6 +356,21 @@ def test_real_numbers_of_any_type_are_valid_etas(backend, eta):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_eta_without_noise_gives_the_steps_mean(backend, eta):
+    """The functional step with eta > 0 and no noise (neither variance_noise nor philox_state) returns the mean of
+    x_{t-1}: diffusers' step with its noise set to zero (its direction term keeps the eta-reduced weight)."""
+    coefficients, (alpha_t, alpha_prev) = row(500)
+    model_output, sample, _ = inputs(seed=7)
+    prev, x0 = ops.ddim_step(model_output, sample, coefficients, eta=eta)
+    truth_prev, truth_x0 = truth_step(model_output, sample, alpha_t, alpha_prev, eta=eta,
+                                      noise=torch.zeros(SHAPE, dtype=torch.float64))
+    assert_close(prev, truth_prev, torch.float32, what="prev")
+    assert_close(x0, truth_x0, torch.float32, what="x0")
+    deterministic, _ = ops.ddim_step(model_output, sample, coefficients)
+    assert not torch.allclose(prev, deterministic)  # the eta-reduced direction term: not the eta = 0 step
+
+
 def test_valid_arguments_leave_inputs_unchanged(backend):
     coefficients, _ = row(500)
     model_output, sample, noise = inputs(seed=6)
