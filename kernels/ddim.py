@@ -589,8 +589,6 @@ class StepLauncher:
             THRESHOLD=bool(options.thresholding),
             BLOCK=BLOCK_SIZE,
         )
-        self.write_prev, self.write_x0 = bool(options.write_prev_sample), bool(options.write_pred_original_sample)
-        self.scalar_timestep = self.timestep_mode == TIMESTEP_SCALAR
         self.sources = self.argument_sources()
         # A launch's leading arguments, gathered in one C call from (model_output, uncond_output, sample,
         # variance_noise, prev, x0, table, timestep, philox_state, stats, threshold, timestep value, 0).
@@ -648,7 +646,8 @@ class StepLauncher:
         function of the step's tensors holding everything else: the common case, kept short (it runs at every
         step)."""
         gather, scalar_arguments, grid, prepared = self.gather, self.scalar_arguments, self.grid, self.prepared_launch
-        write_prev, write_x0, scalar_timestep = self.write_prev, self.write_x0, self.scalar_timestep
+        write_prev, write_x0 = self.options.write_prev_sample, self.options.write_pred_original_sample
+        scalar_timestep = self.timestep_mode == TIMESTEP_SCALAR
         empty_like = torch.empty_like
 
         def run(model_output, sample, table, timestep, variance_noise=None, philox_state=None, uncond_output=None):
