@@ -236,27 +236,26 @@ class DirectLauncher:
                                                       if i in self.do_not_specialize]))
 
     def __call__(self, kernel, grid, args, prepared: PreparedLaunch):
-        if not self.enabled or kernel is not self.kernel or not args[0].is_cuda:
-            return kernel[grid](*args, *prepared.constexpr_values, **prepared.launch_options)
-        if knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls:
-            return kernel[grid](*args, *prepared.constexpr_values, **prepared.launch_options)
-        try:
-            device = driver.active.get_current_device()
-            key = (device, knobs.runtime.debug, knobs.compilation.instrumentation_mode,
-                   self.launch_key(args, prepared))
-        except Unsupported:
-            return kernel[grid](*args, *prepared.constexpr_values, **prepared.launch_options)
-        entry = self.compiled.get(key)
-        if entry is None:
-            compiled = kernel[grid](*args, *prepared.constexpr_values, **prepared.launch_options)
-            # Only a kernel the JIT launch has loaded (function set) is kept: a direct launch never loads one.
-            if getattr(compiled, "function", None) is not None:
-                self.compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata)
-            return compiled
-        run, function, packed_metadata = entry
-        stream = driver.active.get_current_stream(device)  # the current stream now, as the JIT takes it
-        grid_1 = grid[1] if len(grid) > 1 else 1
-        grid_2 = grid[2] if len(grid) > 2 else 1
-        run(grid[0], grid_1, grid_2, stream, function, packed_metadata, None, None, None, *args,
-            *prepared.constexpr_values)
-        return None
+        key = None  # stays None where only the JIT launch may be used
+        if (self.enabled and kernel is self.kernel and args[0].is_cuda
+                and not (knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls)):
+            try:
+                device = driver.active.get_current_device()
+                key = (device, knobs.runtime.debug, knobs.compilation.instrumentation_mode,
+                       self.launch_key(args, prepared))
+            except Unsupported:
+                key = None
+            entry = self.compiled.get(key) if key is not None else None
+            if entry is not None:
+                run, function, packed_metadata = entry
+                stream = driver.active.get_current_stream(device)  # the current stream now, as the JIT takes it
+                grid_1 = grid[1] if len(grid) > 1 else 1
+                grid_2 = grid[2] if len(grid) > 2 else 1
+                run(grid[0], grid_1, grid_2, stream, function, packed_metadata, None, None, None, *args,
+                    *prepared.constexpr_values)
+                return None
+        compiled = kernel[grid](*args, *prepared.constexpr_values, **prepared.launch_options)
+        # Only a kernel the JIT launch has loaded (function set) is kept: a direct launch never loads one.
+        if key is not None and getattr(compiled, "function", None) is not None:
+            self.compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata)
+        return compiled

@@ -939,3 +939,17 @@ def test_direct_launches_run_the_compiled_kernel_with_the_prepared_arguments(mon
     assert len(kernel.launches) == 4 and len(runs) == 1
     launcher(kernel, (3,), (CudaTensor(4096), CudaTensor(8192), 23, 0.5), prepared)  # as the first: direct
     assert len(kernel.launches) == 4 and len(runs) == 2
+    # The same specialization through another kernel object (a test's recorder): that kernel, by the JIT.
+    other = RecordingKernel(Compiled())
+    launcher(other, (3,), later, prepared)
+    assert len(other.launches) == 1 and len(runs) == 2
+    # With a launch hook set (a profiler), the JIT launch, which calls it.
+    hook = lambda *args: None  # noqa: E731
+    launch.knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        launcher(kernel, (3,), later, prepared)
+    finally:
+        launch.knobs.runtime.launch_enter_hook.remove(hook)
+    assert len(kernel.launches) == 5 and len(runs) == 2
+    launcher(kernel, (3,), later, prepared)
+    assert len(kernel.launches) == 5 and len(runs) == 3
