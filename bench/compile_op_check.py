@@ -44,10 +44,15 @@ DTYPES = (torch.float16,)  # as pipelines run; each dtype costs four compiles
 TIMESTEPS = (0, 10, 49)  # indices into scheduler.timesteps
 
 
-def wrap_triton_launch(kernel, grid, args, prepared) -> None:
-    """A stand-in for `ddim._step_launcher` inside the triton_op: the launch Inductor can trace. JIT keywords
-    other than the constexprs (enable_fp_fusion) cannot be passed this way."""
-    torch.library.wrap_triton(kernel)[grid](*args, **prepared.constexprs)
+class WrapTritonLauncher:
+    """A stand-in for `ddim._step_launcher` inside the triton_op: the launch Inductor can trace (the runtime
+    arguments, then the constexprs by name). JIT keywords other than the constexprs (enable_fp_fusion) cannot be
+    passed this way."""
+
+    @staticmethod
+    def launch(kernel, grid, args, prepared) -> None:
+        runtime_arguments = args[:len(args) - len(prepared.constexpr_values)]
+        torch.library.wrap_triton(kernel)[grid](*runtime_arguments, **prepared.constexprs)
 
 
 @torch.library.triton_op("fastddim_bench::ddim_step", mutates_args=())
@@ -56,7 +61,7 @@ def traced_step(model_output: torch.Tensor, sample: torch.Tensor, table: torch.T
     """`torch.ops.fastddim.ddim_step`'s step (the same arguments, a tensor timestep) launched through wrap_triton."""
     step_options = StepOptions.from_op_arguments(prediction_type, tuple(options))
     launcher = ddim.StepLauncher(step_options, model_output, sample, table, timestep)
-    step_launcher, ddim._step_launcher = ddim._step_launcher, wrap_triton_launch
+    step_launcher, ddim._step_launcher = ddim._step_launcher, WrapTritonLauncher
     try:
         return launcher(model_output, sample, table, timestep)
     finally:

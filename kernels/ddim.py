@@ -560,7 +560,7 @@ class StepLauncher:
             )
             x0_bound = self.threshold_plan.bound
         # The kernel's scalar arguments after `timestep`, in parameter order.
-        self.scalar_arguments = (
+        scalar_arguments = (
             table.shape[0], philox_state.shape[0] - 1 if philox_state is not None else 0,
             float64_bits(options.eta), float64_bits(x0_bound),
             float64_bits(options.guidance_scale), float64_bits(options.guidance_rescale),
@@ -595,6 +595,9 @@ class StepLauncher:
         self.gather = operator.itemgetter(*self.sources)
         self.prepared_launch = _step_launcher.prepare(self.constexprs, STEP_TENSORS, varying=(STEP_TENSORS,),
                                                       distinct=self.distinct_tensors())
+        # Every argument after the gathered ones: the scalars, then the constexpr values (one tuple, passed on
+        # as it is: a launch that unpacked two would cost about 0.25 us more).
+        self.trailing_arguments = scalar_arguments + self.prepared_launch.constexpr_values
         # Nothing to do before the launch, outputs like the sample: `__call__`'s short path.
         self.plain = (self.shared_dense and not self.needs_contiguous and self.out_dtype == sample.dtype
                       and n_elements > 0 and not options.thresholding and self.guidance_mode != GUIDANCE_RESCALED)
@@ -645,7 +648,8 @@ class StepLauncher:
         """`launch` for a plan with nothing to do before the launch and outputs like the sample (`plain`), as a
         function of the step's tensors holding everything else: the common case, kept short (it runs at every
         step)."""
-        gather, scalar_arguments, grid, prepared = self.gather, self.scalar_arguments, self.grid, self.prepared_launch
+        gather, trailing_arguments = self.gather, self.trailing_arguments
+        grid, prepared = self.grid, self.prepared_launch
         write_prev, write_x0 = self.options.write_prev_sample, self.options.write_pred_original_sample
         scalar_timestep = self.timestep_mode == TIMESTEP_SCALAR
         empty_like = torch.empty_like
@@ -657,7 +661,7 @@ class StepLauncher:
                                 philox_state, table, table, int(timestep) if scalar_timestep else 0, 0))
             # The launcher and the kernel are looked up per call: ones replaced at run time (a test's launch
             # recorder) are the ones used.
-            _step_launcher(_ddim_step_kernel, grid, arguments + scalar_arguments, prepared)
+            _step_launcher.launch(_ddim_step_kernel, grid, arguments + trailing_arguments, prepared)
             return prev, x0
 
         return run
@@ -698,9 +702,9 @@ class StepLauncher:
             threshold = self.threshold_plan(model_output, sample, table, timestep_arg, timestep_ptr, uncond_output,
                                             stats, clamped=False)
         arguments = self.gather((model_output, uncond_output, sample, variance_noise, prev, x0, table, timestep_ptr,
-                                 philox_state, stats, threshold, timestep_arg, 0)) + self.scalar_arguments
+                                 philox_state, stats, threshold, timestep_arg, 0)) + self.trailing_arguments
         # The kernel is looked up per call: one replaced at run time (a test's launch recorder) is launched.
-        _step_launcher(_ddim_step_kernel, self.grid, arguments, self.prepared_launch)
+        _step_launcher.launch(_ddim_step_kernel, self.grid, arguments, self.prepared_launch)
         return prev, x0
 
 

@@ -102,7 +102,8 @@ class PreparedLaunch:
     Attributes:
         constexprs (`dict`): the constexpr values by name, in the kernel's parameter order.
         constexpr_values (`tuple`): their values, as both launches take them: positionally, after the runtime
-            arguments (binding them by keyword costs the JIT launch about 0.4 us more).
+            arguments, at the end of a launch's `args` (binding them by keyword costs the JIT launch about 0.4 us
+            more).
         launch_options (`dict`): the JIT launch's keyword arguments (compile options such as enable_fp_fusion).
         tensor_count (`int` or None): the number of leading tensor arguments whose dtypes the plan fixes; None when
             nothing but the constexprs is fixed (every call keys all its arguments).
@@ -143,11 +144,12 @@ class DirectLauncher:
             passed to the JIT launch, and part of the key.
         enabled (`bool`, *optional*): force direct launches off (False); by default `direct_launch_supported()`.
 
-    Call it as `launcher(kernel, grid, args, prepared)`: `args` are the runtime arguments in parameter order,
-    `prepared` the `PreparedLaunch` of `prepare(constexprs, tensor_count)` (constexprs in parameter order, after
-    the runtime arguments, as the kernel declares them). `kernel` is passed per call so that a kernel replaced at
-    run time (e.g. a test's launch recorder) is the one launched; direct launches are only used while it is the
-    kernel given here.
+    Launch with `launcher.launch(kernel, grid, args, prepared)`: `prepared` is the `PreparedLaunch` of
+    `prepare(constexprs, tensor_count)`, `args` every argument of the kernel in parameter order: the runtime
+    arguments, then `prepared.constexpr_values` (the kernel declares its constexprs last; a caller appends their
+    values once per plan, so that a launch passes one tuple on as it is). `kernel` is passed per call so that a
+    kernel replaced at run time (e.g. a test's launch recorder) is the one launched; direct launches are only used
+    while it is the kernel given here.
     """
 
     def __init__(self, kernel, launch_options: dict | None = None, enabled: bool | None = None):
@@ -203,15 +205,19 @@ class DirectLauncher:
         the dtypes, the specialization of the constant arguments) is computed once, numbered, and kept in
         `prepared.fixed_key`, and each call adds only the tensors' 16-byte alignment (one OR of the addresses of
         the tensors at `prepared.distinct` when all are aligned, the common case; the others repeat them) and the
-        specialization of the varying ints."""
+        specialization of the varying ints. `args` end with the constexpr values, which the key holds by name."""
         tensor_count = prepared.tensor_count
         if tensor_count is None:
+            runtime_arguments = args[:len(args) - len(prepared.constexpr_values)]
             return (tuple(prepared.constexprs.items()), self.launch_options_key,
-                    specialization_key(args, self.do_not_specialize))
+                    specialization_key(runtime_arguments, self.do_not_specialize))
         fixed = prepared.fixed_key
         if fixed is None:
+            end = len(args) - len(prepared.constexpr_values)
+            if tuple(args[end:]) != prepared.constexpr_values:
+                raise ValueError("a launch's arguments must end with its prepared constexpr values")
             constants = [None if position in prepared.varying else arg
-                         for position, arg in enumerate(args) if position >= tensor_count]
+                         for position, arg in enumerate(args[:end]) if position >= tensor_count]
             constant_positions = [p for p in self.do_not_specialize if p >= tensor_count]
             whole = (tuple(prepared.constexprs.items()), self.launch_options_key,
                      tuple(arg.dtype for arg in args[:tensor_count]),
@@ -235,7 +241,9 @@ class DirectLauncher:
                                                      [j for j, i in enumerate(prepared.varying)
                                                       if i in self.do_not_specialize]))
 
-    def __call__(self, kernel, grid, args, prepared: PreparedLaunch):
+    def launch(self, kernel, grid, args, prepared: PreparedLaunch):
+        """`kernel[grid](*args, **launch options)`, directly where this specialization already ran (see the
+        class); `args` end with `prepared.constexpr_values`."""
         key = None  # stays None where only the JIT launch may be used
         if (self.enabled and kernel is self.kernel and args[0].is_cuda
                 and not (knobs.runtime.launch_enter_hook.calls or knobs.runtime.launch_exit_hook.calls)):
@@ -251,10 +259,9 @@ class DirectLauncher:
                 stream = driver.active.get_current_stream(device)  # the current stream now, as the JIT takes it
                 grid_1 = grid[1] if len(grid) > 1 else 1
                 grid_2 = grid[2] if len(grid) > 2 else 1
-                run(grid[0], grid_1, grid_2, stream, function, packed_metadata, None, None, None, *args,
-                    *prepared.constexpr_values)
+                run(grid[0], grid_1, grid_2, stream, function, packed_metadata, None, None, None, *args)
                 return None
-        compiled = kernel[grid](*args, *prepared.constexpr_values, **prepared.launch_options)
+        compiled = kernel[grid](*args, **prepared.launch_options)
         # Only a kernel the JIT launch has loaded (function set) is kept: a direct launch never loads one.
         if key is not None and getattr(compiled, "function", None) is not None:
             self.compiled[key] = (compiled.run, compiled.function, compiled.packed_metadata)

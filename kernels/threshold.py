@@ -510,7 +510,8 @@ class ThresholdPlan:
         for level, (shift, pass_launch, select_launch) in enumerate(zip(self.shifts, self.pass_launches,
                                                                           self.select_launches)):
             if self.passes:
-                _pass_launcher(_threshold_pass_kernel, self.pass_grid, (*pass_arguments, shift), pass_launch)
+                _pass_launcher.launch(_threshold_pass_kernel, self.pass_grid,
+                                      (*pass_arguments, shift, *pass_launch.constexpr_values), pass_launch)
             if reduce is not None and level == 0:
                 reduce(buffer[:hist.numel() + counts.numel()], "sum")
                 reduce(extremes, "max")
@@ -522,8 +523,9 @@ class ThresholdPlan:
             elif reduce is not None:
                 reduce(hist, "sum")
             if batch:
-                _select_launcher(_threshold_select_kernel, (batch,), (*select_arguments, ranks, *select_scalars),
-                                 select_launch)
+                _select_launcher.launch(_threshold_select_kernel, (batch,),
+                                        (*select_arguments, ranks, *select_scalars, *select_launch.constexpr_values),
+                                        select_launch)
 
         if self.bound_only:
             s = values[3]

@@ -380,11 +380,12 @@ def compiled_step_kernel() -> JITFunction:
     return JITFunction(interpreted.fn, **interpreted.kwargs)
 
 
-def jit_specialization(kernel: JITFunction, args, constexprs) -> tuple:
+def jit_specialization(kernel: JITFunction, args, constexprs=None) -> tuple:
     """What triton 3.6's JITFunction.run keys its kernel cache on for these arguments (its binder, with the
-    base backend's alignment and divisibility rules)."""
+    base backend's alignment and divisibility rules): the runtime arguments and `constexprs` by name, or, without
+    `constexprs`, every argument by position (as a DirectLauncher's launch passes them)."""
     binder = create_function_from_signature(kernel.signature, kernel.params, BaseBackend)
-    _, specialization, _ = binder(*args, **constexprs)
+    _, specialization, _ = binder(*args, **(constexprs or {}))
     return tuple(specialization)
 
 
@@ -535,7 +536,7 @@ def test_launcher_takes_the_jit_launch_where_it_cannot_launch_directly():
     for launcher in (launch.DirectLauncher(kernel, enabled=False), launch.DirectLauncher(kernel, enabled=True)):
         # Disabled (interpreter, unvalidated version), or enabled but with CPU tensors: always the JIT launch.
         for _ in range(3):
-            launcher(kernel, (1,), args, launcher.prepare(constexprs))
+            launcher.launch(kernel, (1,), args + (4,), launcher.prepare(constexprs))
         assert launcher.compiled == {}
     assert len(kernel.launches) == 6
     # The constexprs follow the runtime arguments, by position.
@@ -543,8 +544,22 @@ def test_launcher_takes_the_jit_launch_where_it_cannot_launch_directly():
     # A kernel other than the launcher's (e.g. replaced by a test's recorder) is launched itself, by the JIT.
     other = RecordingKernel()
     launcher = launch.DirectLauncher(kernel, enabled=True)
-    launcher(other, (2,), args, launcher.prepare(constexprs))
+    launcher.launch(other, (2,), args + (4,), launcher.prepare(constexprs))
     assert other.launches == [((2,), args + (4,), {})] and len(kernel.launches) == 6
+
+
+def test_launch_arguments_must_end_with_the_prepared_constexpr_values():
+    """A launch passes every argument in one tuple, the constexpr values last; a plan's launcher that left them
+    out (or passed others) gets a clear error from its first key, not a binary of other constexprs."""
+    launcher = launch.DirectLauncher(RecordingKernel(), enabled=False)
+    prepared = launcher.prepare({"BLOCK": 4, "MODE": 1}, tensor_count=1, varying=(1,))
+    tensor = torch.zeros(4)
+    for args in ((tensor, 3, 0.5), (tensor, 3, 0.5, 1, 4)):
+        with pytest.raises(ValueError, match="end with its prepared constexpr values"):
+            launcher.launch_key(args, prepared)
+    assert prepared.fixed_key is None
+    key = launcher.launch_key((tensor, 3, 0.5, 4, 1), prepared)
+    assert key[0] == prepared.fixed_key is not None
 
 
 def test_step_launches_carry_the_launch_options_and_the_per_sample_grid(fresh_plans):
@@ -554,7 +569,7 @@ def test_step_launches_carry_the_launch_options_and_the_per_sample_grid(fresh_pl
     kernel = RecordingKernel()
     args, constexprs = (torch.zeros(4), 3, 0.5), {"BLOCK": 4}
     launcher = launch.DirectLauncher(kernel, ddim_module.LAUNCH_OPTIONS, enabled=False)
-    launcher(kernel, (1,), args, launcher.prepare(constexprs))
+    launcher.launch(kernel, (1,), args + (4,), launcher.prepare(constexprs))
     assert kernel.launches == [((1,), args + (4,), {"enable_fp_fusion": False})]
     table = step_table(torch.linspace(0.999, 0.01, 1000, dtype=torch.float64), 10, 1.0)
     batch, per_sample = 3, 2 * ddim_module.BLOCK_SIZE + 5
@@ -634,7 +649,7 @@ class LaunchRecorder:
         self.prepare = real.prepare
         self.launches = []
 
-    def __call__(self, kernel, grid, args, prepared):
+    def launch(self, kernel, grid, args, prepared):
         self.launches.append((args, prepared))
 
 
@@ -660,7 +675,7 @@ def test_plan_launch_keys_separate_exactly_what_the_jit_separates_within_a_plan(
     assert len(recorded) == 5 and all(r[1] is recorded[0][1] for r in recorded), "one plan for all five launches"
     assert recorded[0][1].tensor_count == ddim_module.STEP_TENSORS
     keys = [launcher.launch_key(args, prepared) for args, prepared in recorded]
-    specializations = [jit_specialization(kernel, args, prepared.constexprs) for args, prepared in recorded]
+    specializations = [jit_specialization(kernel, args) for args, _ in recorded]
     for i in range(5):
         for j in range(5):
             assert (keys[i] == keys[j]) == (specializations[i] == specializations[j]), (i, j)
@@ -781,7 +796,7 @@ def test_plan_launch_keys_see_a_misaligned_tensor_in_any_slot(monkeypatch):
         ops.ddim_step(aligned[2], sample, table, 501, eta=0.5, variance_noise=noise, backend="triton")
     assert len({id(prepared) for _, prepared in recorder.launches}) == 1
     keys = [launcher.launch_key(args, prepared) for args, prepared in recorder.launches]
-    specializations = [jit_specialization(kernel, args, prepared.constexprs) for args, prepared in recorder.launches]
+    specializations = [jit_specialization(kernel, args) for args, _ in recorder.launches]
     for i in range(4):
         for j in range(4):
             assert (keys[i] == keys[j]) == (specializations[i] == specializations[j]), (i, j)
@@ -801,6 +816,7 @@ def test_unspecialized_int_key_is_what_specialization_key_gives():
     general.unspecialized_int = None  # forces specialization_key
     fast = launcher.prepare(constexprs, ddim_module.STEP_TENSORS, varying=(position,))
     assert fast.unspecialized_int == position
+    args += fast.constexpr_values  # a launch's arguments end with the constexpr values
     for value in (0, 1, 15, 16, 999, -1, 2**31 - 1, 2**31, -2**31, -2**31 - 1, 2**63, True, 5.0):
         args[position] = value
         fast_key, general_key = launcher.launch_key(args, fast), launcher.launch_key(args, general)
@@ -831,7 +847,7 @@ def test_threshold_plan_launch_keys_separate_exactly_what_the_jit_separates(monk
     for level in range(levels):
         launches = recorded[level::levels]
         keys = [launcher.launch_key(args, prepared) for args, prepared in launches]
-        specializations = [jit_specialization(kernel, args, prepared.constexprs) for args, prepared in launches]
+        specializations = [jit_specialization(kernel, args) for args, _ in launches]
         for i in range(5):
             for j in range(5):
                 assert (keys[i] == keys[j]) == (specializations[i] == specializations[j]), (level, i, j)
@@ -926,30 +942,31 @@ def test_direct_launches_run_the_compiled_kernel_with_the_prepared_arguments(mon
     kernel = RecordingKernel(Compiled())
     launcher = launch.DirectLauncher(kernel, {"enable_fp_fusion": False}, enabled=True)
     prepared = launcher.prepare({"BLOCK": 4, "MODE": 1}, tensor_count=2, varying=(2,))
-    aligned = (CudaTensor(4096), CudaTensor(8192), 7, 0.5)
-    launcher(kernel, (3,), aligned, prepared)
-    assert kernel.launches == [((3,), aligned + (4, 1), {"enable_fp_fusion": False})] and runs == []
-    later = (CudaTensor(4096), CudaTensor(8192), 9, 0.5)
-    launcher(kernel, (3, 2), later, prepared)
+    assert prepared.constexpr_values == (4, 1)  # a launch's arguments end with them
+    aligned = (CudaTensor(4096), CudaTensor(8192), 7, 0.5, 4, 1)
+    launcher.launch(kernel, (3,), aligned, prepared)
+    assert kernel.launches == [((3,), aligned, {"enable_fp_fusion": False})] and runs == []
+    later = (CudaTensor(4096), CudaTensor(8192), 9, 0.5, 4, 1)
+    launcher.launch(kernel, (3, 2), later, prepared)
     assert len(kernel.launches) == 1
-    assert runs == [(3, 2, 1, 1234, "function", "metadata", None, None, None, *later, 4, 1)]
-    launcher(kernel, (3,), (CudaTensor(4100), CudaTensor(8192), 7, 0.5), prepared)  # unaligned: the JIT
-    launcher(kernel, (3,), (CudaTensor(4096), CudaTensor(8192), 2**40, 0.5), prepared)  # an int64 int
-    launcher(kernel, (3,), (CudaTensor(4096), CudaTensor(8192), 16, 0.5), prepared)  # divisible by 16
+    assert runs == [(3, 2, 1, 1234, "function", "metadata", None, None, None, *later)]
+    launcher.launch(kernel, (3,), (CudaTensor(4100), CudaTensor(8192), 7, 0.5, 4, 1), prepared)  # unaligned: JIT
+    launcher.launch(kernel, (3,), (CudaTensor(4096), CudaTensor(8192), 2**40, 0.5, 4, 1), prepared)  # an int64
+    launcher.launch(kernel, (3,), (CudaTensor(4096), CudaTensor(8192), 16, 0.5, 4, 1), prepared)  # divisible by 16
     assert len(kernel.launches) == 4 and len(runs) == 1
-    launcher(kernel, (3,), (CudaTensor(4096), CudaTensor(8192), 23, 0.5), prepared)  # as the first: direct
+    launcher.launch(kernel, (3,), (CudaTensor(4096), CudaTensor(8192), 23, 0.5, 4, 1), prepared)  # as the first
     assert len(kernel.launches) == 4 and len(runs) == 2
     # The same specialization through another kernel object (a test's recorder): that kernel, by the JIT.
     other = RecordingKernel(Compiled())
-    launcher(other, (3,), later, prepared)
+    launcher.launch(other, (3,), later, prepared)
     assert len(other.launches) == 1 and len(runs) == 2
     # With a launch hook set (a profiler), the JIT launch, which calls it.
     hook = lambda *args: None  # noqa: E731
     launch.knobs.runtime.launch_enter_hook.add(hook)
     try:
-        launcher(kernel, (3,), later, prepared)
+        launcher.launch(kernel, (3,), later, prepared)
     finally:
         launch.knobs.runtime.launch_enter_hook.remove(hook)
     assert len(kernel.launches) == 5 and len(runs) == 2
-    launcher(kernel, (3,), later, prepared)
+    launcher.launch(kernel, (3,), later, prepared)
     assert len(kernel.launches) == 5 and len(runs) == 3
