@@ -88,6 +88,8 @@ class DDIMSchedulerOutput(_OutputFields):
 _is_compiling = torch.compiler.is_compiling  # traced by torch.compile as itself, whatever its name
 _INFINITY = math.inf
 _INT64 = torch.int64
+_TENSOR = torch.Tensor
+_grad_enabled = torch.is_grad_enabled
 _new_output = DDIMSchedulerOutput.__new__
 _set_item = OrderedDict.__setitem__
 
@@ -414,9 +416,9 @@ class _DDIMBase(SchedulerConfigMixin):
         compiling = _is_compiling()
         num_train = state["_num_train"]
         if type(timestep) is not int or not 0 <= timestep < num_train:
-            # A 0-d int64 CPU tensor, as pipelines pass it, read in one call (__index__, the cheapest); other
+            # A 0-d int64 CPU tensor, as pipelines pass it, read in one call (item, the cheapest); other
             # timesteps take the full check.
-            value = (timestep.__index__() if type(timestep) is torch.Tensor and not compiling and timestep.is_cpu
+            value = (timestep.item() if type(timestep) is _TENSOR and not compiling and timestep.is_cpu
                      and not timestep.dim() and timestep.dtype is _INT64 else None)
             timestep = value if value is not None and 0 <= value < num_train else self._resolve_timestep(timestep,
                                                                                                            sample)
@@ -457,7 +459,7 @@ class _DDIMBase(SchedulerConfigMixin):
             try:
                 boundary = state[self._boundary_attribute]
                 key = (state.get("_table_state"), state["_alphas_cumprod"]._version,
-                       boundary._version if isinstance(boundary, torch.Tensor) else None,
+                       boundary._version if isinstance(boundary, _TENSOR) else None,
                        config, config._writes, eta, use_clipped_model_output, thresholding, guidance_scale,
                        guidance_rescale, write_x0, process_group, ops.backend_setting_raw(),
                        int if type(timestep) is int else tensor_key(timestep),
@@ -465,9 +467,11 @@ class _DDIMBase(SchedulerConfigMixin):
                        sample.dtype, sample.shape, sample.stride(), sample.device,
                        None if variance_noise is None else tensor_key(variance_noise),
                        None if philox_state is None else tensor_key(philox_state),
-                       None if uncond_output is None else tensor_key(uncond_output),
+                       # tensor_key(uncond_output), written out (guided steps call no function for it).
+                       None if uncond_output is None else (uncond_output.dtype, uncond_output.shape,
+                                                           uncond_output.stride(), uncond_output.device),
                        # autograd.requires_grad, written out (a call costs more): memos are made without grad.
-                       torch.is_grad_enabled() and (
+                       _grad_enabled() and (
                            model_output.requires_grad or sample.requires_grad
                            or (uncond_output is not None and uncond_output.requires_grad)
                            or (variance_noise is not None and variance_noise.requires_grad)))
