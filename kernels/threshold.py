@@ -450,12 +450,12 @@ class ThresholdPlan:
         batch_stride = sample.stride(0) if sample.dim() and batch > 1 else per_sample
         self.pass_grid = (batch, programs_per_sample(per_sample, batch, sample.device, PASS_BLOCK))
         # The pass kernel's scalar arguments after `timestep`, up to the window; then the shift of each pass.
-        self.pass_scalars = (
+        pass_scalars = (
             table.shape[0], float64_bits(guidance_scale), float64_bits(guidance_rescale), per_sample, batch_stride,
             *sizes[1:], *kernel_strides(model_output, strided), *kernel_strides(uncond, strided),
             *kernel_strides(sample, strided), lo, hi,
         )
-        self.shifts = [max(top - RADIX_BITS, 0)] + [top - level * RADIX_BITS for level in range(2, levels + 1)]
+        shifts = [max(top - RADIX_BITS, 0)] + [top - level * RADIX_BITS for level in range(2, levels + 1)]
         pass_constexprs = dict(
             PREDICTION=PREDICTION_CODES[prediction_type], TIMESTEP_MODE=timestep_mode, GUIDANCE=guidance_mode,
             STRIDED=not shared_dense, INT64=int64, MATH_FP64=math_fp64, HISTOGRAM=levels > 0, NUM_BINS=NUM_BINS,
@@ -483,7 +483,12 @@ class ThresholdPlan:
                                      distinct=select_distinct)
             for level in range(1, max(levels, 1) + 1)
         ]
-        self.lo = lo
+        # Every argument after the leading ones, per level: the scalars, then the constexpr values (one tuple per
+        # launch, as StepLauncher.trailing_arguments).
+        self.pass_trailing = [(*pass_scalars, shift, *launch.constexpr_values)
+                              for shift, launch in zip(shifts, self.pass_launches)]
+        self.select_trailing = [(batch, self.below, self.above, self.weight_bits, lo, self.bound_bits,
+                                 *launch.constexpr_values) for launch in self.select_launches]
         # An empty shard of a sharded sample skips the passes but takes part in the collectives (and the selects,
         # which find the threshold of the whole sample from the reduced counts).
         self.passes = batch > 0 and per_sample > 0
@@ -503,15 +508,14 @@ class ThresholdPlan:
         ranks = state
         pass_arguments = (
             model_output, uncond_output if uncond_output is not None else sample, sample, table, timestep_ptr,
-            stats if stats is not None else table, hist, counts, extremes, state, timestep_arg, *self.pass_scalars,
+            stats if stats is not None else table, hist, counts, extremes, state, timestep_arg,
         )
         select_arguments = (hist, counts, extremes, state, values)
-        select_scalars = (batch, self.below, self.above, self.weight_bits, self.lo, self.bound_bits)
-        for level, (shift, pass_launch, select_launch) in enumerate(zip(self.shifts, self.pass_launches,
-                                                                          self.select_launches)):
+        for level, (pass_launch, pass_trailing, select_launch, select_trailing) in enumerate(zip(
+                self.pass_launches, self.pass_trailing, self.select_launches, self.select_trailing)):
             if self.passes:
-                _pass_launcher.launch(_threshold_pass_kernel, self.pass_grid,
-                                      (*pass_arguments, shift, *pass_launch.constexpr_values), pass_launch)
+                _pass_launcher.launch(_threshold_pass_kernel, self.pass_grid, pass_arguments + pass_trailing,
+                                      pass_launch)
             if reduce is not None and level == 0:
                 reduce(buffer[:hist.numel() + counts.numel()], "sum")
                 reduce(extremes, "max")
@@ -524,8 +528,7 @@ class ThresholdPlan:
                 reduce(hist, "sum")
             if batch:
                 _select_launcher.launch(_threshold_select_kernel, (batch,),
-                                        (*select_arguments, ranks, *select_scalars, *select_launch.constexpr_values),
-                                        select_launch)
+                                        (*select_arguments, ranks) + select_trailing, select_launch)
 
         if self.bound_only:
             s = values[3]
