@@ -892,6 +892,23 @@ def test_step_rejects_bad_inputs(kind, model_output, timestep, sample, error, ma
         _ready(kind).step(model_output(), timestep, sample())
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_one_element_timestep_tensor_steps_as_its_value(kind, shape, dtype, backend):
+    """A one-element integer CPU timestep tensor of any shape is the timestep it holds (int64 ones are read on the
+    step's short path, others by the full check): the same outputs as the int, bit for bit, and the same error
+    outside the table. Sample and model output hold two samples, so a (1,) tensor is not one per sample."""
+    model_output, sample = randn(1, shape=(2, 3, 8, 4)), randn(2, shape=(2, 3, 8, 4))
+    scheduler = _ready(kind)
+    by_int = scheduler.step(model_output, 501, sample)
+    by_tensor = scheduler.step(model_output, torch.full(shape, 501, dtype=dtype), sample)
+    for ours, expected in zip(by_tensor.to_tuple(), by_int.to_tuple()):
+        assert torch.equal(ours, expected)
+    with pytest.raises(ValueError, match="timestep"):
+        scheduler.step(model_output, torch.full(shape, 1000, dtype=dtype), sample)
+
+
 @pytest.mark.parametrize("eta", [-0.1, float("nan"), float("inf")])
 def test_step_rejects_bad_eta(eta):
     with pytest.raises(ValueError, match="eta"):
