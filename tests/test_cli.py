@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+import fastddim
 from fastddim import cli, paper
 from fastddim.models import load_digits
 
@@ -261,8 +262,6 @@ def assert_same_images(ours: np.ndarray, theirs: np.ndarray):
 def record_scheduler_steps(monkeypatch) -> list:
     """Record every fastddim DDIMScheduler.step call the command makes: (config, num_inference_steps, inputs,
     keyword arguments, the generator's state before the call, prev_sample)."""
-    import fastddim
-
     calls = []
     step = fastddim.DDIMScheduler.step
 
@@ -531,6 +530,30 @@ def test_bench_writes_json(tmp_path, capsys):
     results = json.loads(output.read_text())  # the schema is fastddim.benchmark's (tested in bench/)
     assert results["cases"]
     assert "| case |" in out and str(output) in out
+
+
+def test_stubbed_launches_launch_no_kernel_and_restore_every_one():
+    """The host benchmark's stub: inside, fastddim's Triton backend runs its host code on CPU tensors and no kernel
+    (a step's outputs are allocated, nothing is launched); after, every kernel and the backend choice are back."""
+    pytest.importorskip("triton")
+    from fastddim import benchmark, ops
+    from fastddim.kernels import ddim, threshold
+
+    def kernels():
+        return {(module.__name__, name): value for module in (ddim, threshold) for name, value in vars(module).items()
+                if type(value).__name__ in ("JITFunction", "InterpretedFunction")}
+
+    originals, interpreting = kernels(), ops.triton_interpreting
+    assert ("fastddim.kernels.ddim", "_ddim_step_kernel") in originals
+    scheduler = fastddim.DDIMScheduler()
+    scheduler.set_timesteps(50)
+    sample = torch.randn(1, 4, 8, 8)
+    with benchmark.stubbed_launches():
+        assert kernels() == {}
+        prev, x0 = scheduler.step(torch.randn(1, 4, 8, 8), 780, sample, return_dict=False)
+        assert scheduler._step_memo[1].__qualname__.startswith("StepLauncher.")  # the Triton backend's plan
+        assert prev.shape == x0.shape == sample.shape
+    assert kernels() == originals and ops.triton_interpreting is interpreting
 
 
 def test_bench_rejects_an_unwritable_output(tmp_path, capsys):
