@@ -460,7 +460,7 @@ class _DDIMBase(SchedulerConfigMixin):
             # table's state (replaced when rebuilt or when an input is assigned) and its inputs' version counters
             # (in-place changes), the config (replaced, or counted when written), the arguments, the tensors'
             # dtypes, shapes, strides and devices, FASTDDIM_BACKEND: one tuple comparison. The table's inputs are
-            # read from its state, which holds them until one is assigned (then the state is None until rebuilt).
+            # read from its state, which holds them (assigning one sets the state to None: rebuilt here).
             try:
                 table_state = state.get("_table_state")
                 if table_state is None:
