@@ -115,6 +115,12 @@ def max_error_ratio(actual: torch.Tensor, truth: torch.Tensor, dtype: torch.dtyp
     return float(err.max())
 
 
+def arguments_by_name(names, args, kwargs) -> dict:
+    """A recorded kernel launch's arguments by parameter name: the positional ones named in order by `names` (the
+    kernel's `arg_names`, or a tail of them), then the keyword ones."""
+    return {**dict(zip(names, args)), **kwargs}
+
+
 def assert_same_nonfinite(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """NaN in the same places, and +-inf in the same places with the same signs."""
     a = actual.to(torch.float64)

@@ -17,7 +17,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, TOLERANCES, assert_same_nonfinite, truth_alphas, truth_step
+from conftest import DEVICE, TOLERANCES, arguments_by_name, assert_same_nonfinite, truth_alphas, truth_step
 from diffusers import DDIMInverseScheduler as DiffusersDDIMInverseScheduler
 from diffusers import DDIMScheduler as DiffusersDDIMScheduler
 
@@ -268,7 +268,7 @@ class LaunchRecorder:
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
-            self.launches.append(dict(zip(self.kernel.arg_names, args), **kwargs, grid=grid))
+            self.launches.append({**arguments_by_name(self.kernel.arg_names, args, kwargs), "grid": grid})
             if self.launch:
                 return self.kernel[grid](*args, **kwargs)
             return None

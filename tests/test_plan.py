@@ -24,7 +24,7 @@ from fastddim.kernels import launch
 from fastddim.plan import StepOptions
 from fastddim.schedule import step_table
 
-from conftest import DEVICE
+from conftest import DEVICE, arguments_by_name
 
 SHAPE = (2, 3, 8, 8)
 
@@ -399,7 +399,7 @@ def launch_arguments(variant: str):
             def run(*args, **kwargs):  # the constexprs come last, by position; the launch options by keyword
                 runtime = len(args) - len(constexpr_names)
                 captured.update(args=list(args[:runtime]),
-                                constexprs={**dict(zip(constexpr_names, args[runtime:])), **kwargs})
+                                constexprs=arguments_by_name(constexpr_names, args[runtime:], kwargs))
             return run
 
     table = step_table(fastddim.DDIMScheduler().alphas_cumprod, 50, 1.0)
@@ -525,7 +525,7 @@ class RecordingKernel:
 
     def __getitem__(self, grid):
         def run(*args, **options):
-            self.launches.append((grid, args, {**dict(zip(self.arg_names, args)), **options}))
+            self.launches.append((grid, args, arguments_by_name(self.arg_names, args, options)))
             return self.compiled
         return run
 

@@ -17,7 +17,9 @@ import diffusers
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE, TOLERANCES, assert_same_nonfinite, max_error_ratio, truth_alphas, truth_step
+from conftest import (
+    DEVICE, TOLERANCES, arguments_by_name, assert_same_nonfinite, max_error_ratio, truth_alphas, truth_step,
+)
 from diffusers.utils.torch_utils import randn_tensor as diffusers_randn_tensor
 
 import fastddim
@@ -1116,7 +1118,7 @@ def test_write_pred_original_sample_false_skips_the_kernel_store(monkeypatch):
     class Recorder:
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
-                flags.append({**dict(zip(kernel.arg_names, args)), **kwargs}["WRITE_X0"])
+                flags.append(arguments_by_name(kernel.arg_names, args, kwargs)["WRITE_X0"])
                 return kernel[grid](*args, **kwargs)
             return launch
 
