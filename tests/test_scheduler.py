@@ -899,14 +899,20 @@ def test_step_rejects_bad_inputs(kind, model_output, timestep, sample, error, ma
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
 def test_one_element_timestep_tensor_steps_as_its_value(kind, shape, dtype, backend):
     """A one-element integer CPU timestep tensor of any shape is the timestep it holds (int64 ones are read on the
-    step's short path, others by the full check): the same outputs as the int, bit for bit, and the same error
-    outside the table. Sample and model output hold two samples, so a (1,) tensor is not one per sample."""
+    step's short path, others by the full check): diffusers' step with the same tensor, the same outputs as the int,
+    bit for bit, and the same error outside the table. Sample and model output hold two samples, so a (1,) tensor
+    is not one per sample."""
     model_output, sample = randn(1, shape=(2, 3, 8, 4)), randn(2, shape=(2, 3, 8, 4))
     scheduler = _ready(kind)
+    theirs = getattr(diffusers, kind)()
+    theirs.set_timesteps(NUM_STEPS)
+    timestep = torch.full(shape, 501, dtype=dtype)
     by_int = scheduler.step(model_output, 501, sample)
-    by_tensor = scheduler.step(model_output, torch.full(shape, 501, dtype=dtype), sample)
-    for ours, expected in zip(by_tensor.to_tuple(), by_int.to_tuple()):
-        assert torch.equal(ours, expected)
+    by_tensor = scheduler.step(model_output, timestep, sample)
+    expected = theirs.step(model_output, timestep, sample)
+    for ours, by_value, truth in zip(by_tensor.to_tuple(), by_int.to_tuple(), expected.to_tuple()):
+        torch.testing.assert_close(ours, truth, **TOLERANCES[torch.float32])
+        assert torch.equal(ours, by_value)
     with pytest.raises(ValueError, match="timestep"):
         scheduler.step(model_output, torch.full(shape, 1000, dtype=dtype), sample)
 
