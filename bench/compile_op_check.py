@@ -51,8 +51,7 @@ class WrapTritonLauncher:
 
     @staticmethod
     def launch(kernel, grid, args, prepared) -> None:
-        runtime_arguments = args[:len(args) - len(prepared.constexpr_values)]
-        torch.library.wrap_triton(kernel)[grid](*runtime_arguments, **prepared.constexprs)
+        torch.library.wrap_triton(kernel)[grid](*prepared.runtime_arguments(args), **prepared.constexprs)
 
 
 @torch.library.triton_op("fastddim_bench::ddim_step", mutates_args=())

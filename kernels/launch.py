@@ -134,6 +134,10 @@ class PreparedLaunch:
         self.unspecialized_int = unspecialized_int
         self.fixed_key = None
 
+    def runtime_arguments(self, args) -> tuple:
+        """A launch's `args` without the constexpr values they end with."""
+        return args[:len(args) - len(self.constexpr_values)]
+
 
 class DirectLauncher:
     """Launches one `@triton.jit` kernel, directly through its `CompiledKernel` once a specialization has run.
@@ -208,16 +212,15 @@ class DirectLauncher:
         specialization of the varying ints. `args` end with the constexpr values, which the key holds by name."""
         tensor_count = prepared.tensor_count
         if tensor_count is None:
-            runtime_arguments = args[:len(args) - len(prepared.constexpr_values)]
             return (tuple(prepared.constexprs.items()), self.launch_options_key,
-                    specialization_key(runtime_arguments, self.do_not_specialize))
+                    specialization_key(prepared.runtime_arguments(args), self.do_not_specialize))
         fixed = prepared.fixed_key
         if fixed is None:
-            end = len(args) - len(prepared.constexpr_values)
-            if tuple(args[end:]) != prepared.constexpr_values:
+            runtime_arguments = prepared.runtime_arguments(args)
+            if tuple(args[len(runtime_arguments):]) != prepared.constexpr_values:
                 raise ValueError("a launch's arguments must end with its prepared constexpr values")
             constants = [None if position in prepared.varying else arg
-                         for position, arg in enumerate(args[:end]) if position >= tensor_count]
+                         for position, arg in enumerate(runtime_arguments) if position >= tensor_count]
             constant_positions = [p for p in self.do_not_specialize if p >= tensor_count]
             whole = (tuple(prepared.constexprs.items()), self.launch_options_key,
                      tuple(arg.dtype for arg in args[:tensor_count]),
